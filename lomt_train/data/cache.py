@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .files import atomic_write_bytes
+from ..atomic import atomic_write_bytes
 
 MARKER_NAME = "lomt_synthetic.json"
 

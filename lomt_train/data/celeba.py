@@ -35,9 +35,9 @@ from torch.utils.data import Dataset
 
 from .cache import writable_home
 from .class_names import CELEBA_SEG_CLASS_NAMES, CELEBAMASK_PARTS
+from ..atomic import atomic_write_bytes
 from .files import (
     CorruptFileError,
-    atomic_write_bytes,
     encode_image,
     read_image,
     read_label_png,

@@ -10,8 +10,6 @@ can be found and replaced.
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -91,18 +89,3 @@ def read_npy(path: Path) -> np.ndarray:
         raise CorruptFileError(f"{path}: cannot load array ({err})") from err
 
 
-def atomic_write_bytes(data: bytes, path: Path) -> None:
-    """Write ``data`` to a unique temporary file beside ``path`` and rename it over ``path``.
-
-    DataLoader workers may cache the same derived file at once; each writes its own temporary
-    file and the atomic rename means readers only ever see a complete file.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

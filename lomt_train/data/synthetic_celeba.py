@@ -22,7 +22,8 @@ import numpy as np
 from .cache import clear_generated, is_current, mark_generated
 from .celeba import ATTRIBUTE_FILE, IMAGE_DIR, MASK3_DIR, MASK_DIR, part_mask_path
 from .class_names import CELEBA_ATTRIBUTES, CELEBAMASK_PARTS
-from .files import atomic_write_bytes, encode_image
+from ..atomic import atomic_write_bytes
+from .files import encode_image
 from .transforms import as_size
 
 GENERATOR_VERSION = 1

@@ -21,7 +21,8 @@ import numpy as np
 
 from .cache import clear_generated, is_current, mark_generated
 from .class_names import NYU13_CLASS_NAMES, NYU40_CLASS_NAMES
-from .files import atomic_write_bytes, encode_image
+from ..atomic import atomic_write_bytes
+from .files import encode_image
 from .transforms import as_size
 
 GENERATOR_VERSION = 1
