@@ -1,0 +1,131 @@
+"""``lomt_train``: the command line. It parses arguments and calls library functions.
+
+    lomt_train nyu --tasks seg,normal,depth --synthetic
+    lomt_train celeba --tasks seg,male,smile --data /data/CelebAMask-HQ --paper --lambda 1e-5 1e-4
+    lomt_train report runs/nyu-seg+normal+depth --out reports/nyu
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import DATASETS, PAPER_BATCH_SIZE, PAPER_PRESET, PAPER_SEEDS, SYNTHETIC_PRESET, RunConfig
+from .trainer import run_sweep
+
+
+def _attach_pairs(values: Sequence[str]) -> dict[str, str]:
+    pairs = {}
+    for item in values:
+        task, sep, node = item.partition("=")
+        if not sep or not task or not node:
+            raise ValueError(f"--attach {item!r}: expected TASK=LAYER, e.g. seg=layer3.3.conv1")
+        pairs[task] = node
+    return pairs
+
+
+def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    # Defaults are None so that we can tell an explicit flag from a preset's value.
+    p.add_argument("--tasks", required=True, help="comma-separated tasks, e.g. seg,normal,depth or seg,male,smile")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--data", help="dataset folder in its official layout")
+    src.add_argument("--synthetic", action="store_true", help="use the built-in synthetic data (generated on first use)")
+    p.add_argument("--layout", choices=["nyud_mt", "mtan"], help="NYU-v2 layout (detected when omitted)")
+    p.add_argument("--paper", action="store_true", help="the papers' protocol: lr 1e-4, 256x256, batch 16/32, 5 seeds, ResNet-50")
+    p.add_argument("--lambda", dest="lambdas", type=float, nargs="+", help="sparsity strength(s); several = a sweep")
+    p.add_argument("--prox", choices=["group", "group_weighted", "l1", "none"])
+    p.add_argument("--grouping", choices=["in_channel", "out_channel"])
+    p.add_argument("--seeds", type=int, nargs="+", help="seed(s); several = repeated trials")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--lr-schedule", choices=["cosine", "step", "none"])
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--patience", type=int, help="early stopping: epochs without validation improvement (0 = off)")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--augment", action="store_true", default=None, help="random scale-crop and flip")
+    p.add_argument("--backbone", choices=["resnet50", "resnet101", "small"])
+    p.add_argument("--weights", help="local ImageNet weights (.pth state dict) for the backbone")
+    p.add_argument("--aspp-channels", type=int, help="ASPP width of the DeepLab heads (default 256)")
+    p.add_argument("--attach", nargs="+", metavar="TASK=LAYER", help="attach a task's head at a backbone layer (LOMT)")
+    p.add_argument("--lomt", type=Path, help="a lomt-probe profile.json: attach each task at its chosen layer")
+    p.add_argument("--weighting", choices=["uncertainty", "equal"])
+    p.add_argument("--depth-loss", choices=["mse", "l1"])
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--backend", choices=["auto", "torch", "cpu", "triton", "cuda"], help="FusedGroupProxAdam kernel")
+    p.add_argument("--amp", action="store_true", default=None, help="mixed precision (fp16 on CUDA, bf16 on CPU)")
+    p.add_argument("--workers", type=int, help="data loader workers")
+    p.add_argument("--synthetic-images", type=int, help="training images in the synthetic set")
+    p.add_argument("--out", help="output folder (default: runs)")
+    p.add_argument("--resume", action="store_true", help="continue the runs in --out from their last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+# Flags that map one-to-one onto RunConfig fields (tasks and attach are parsed first).
+_CONFIG_FLAGS = {f.name for f in dataclasses.fields(RunConfig)} - {"dataset", "tasks", "attach"}
+
+
+def config_from_args(dataset: str, args: argparse.Namespace) -> tuple[RunConfig, list[float], list[int]]:
+    """The base config, the lambda_ values and the seeds a training command asks for.
+
+    Precedence: defaults, then the synthetic preset (with ``--synthetic``), then the papers'
+    preset (with ``--paper``), then explicit flags.
+    """
+    values: dict[str, Any] = {"dataset": dataset, "tasks": [t.strip() for t in args.tasks.split(",") if t.strip()]}
+    lambdas: list[float] = [0.0]
+    seeds: list[int] = [0]
+    if args.synthetic:
+        values["synthetic"] = True
+        preset = dict(SYNTHETIC_PRESET)
+        lambdas = [preset.pop("lambda_")]
+        values.update(preset)
+    if args.paper:
+        values.update(PAPER_PRESET, batch_size=PAPER_BATCH_SIZE[dataset])
+        seeds = list(PAPER_SEEDS)
+    explicit = {k: v for k, v in vars(args).items() if v is not None and k in _CONFIG_FLAGS}
+    values.update(explicit)
+    if args.attach:
+        values["attach"] = _attach_pairs(args.attach)
+    if args.lomt:
+        profile = json.loads(args.lomt.read_text())
+        values["attach"] = {**profile["attach"], **values.get("attach", {})}
+    if args.lambdas:
+        lambdas = args.lambdas
+    if args.seeds:
+        seeds = args.seeds
+    return RunConfig.from_dict(values), lambdas, seeds
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lomt_train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in DATASETS:
+        _add_train_arguments(sub.add_parser(name, help=f"train on {name} (single- or multi-task, sweeps, seeds)"))
+    report = sub.add_parser("report", help="tables and plots from run folders")
+    report.add_argument("runs", nargs="+", type=Path, help="run folders, or folders that contain them")
+    report.add_argument("--out", type=Path, default=Path("report"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command in DATASETS:
+            config, lambdas, seeds = config_from_args(args.command, args)
+            results = run_sweep(config, lambdas, seeds, resume=args.resume, progress=not args.no_progress)
+            for result in results:
+                print(f"{result.run_dir}: test ({result.test_split}) {json.dumps(result.test_metrics)}"
+                      f" | group sparsity {result.sparsity['total']['group_sparsity']:.1f}%")
+        elif args.command == "report":
+            from .report import write_report
+
+            for path in write_report(args.runs, args.out):
+                print(path)
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        print(f"lomt_train: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,364 @@
+"""One training run: data, model, FusedGroupProxAdam, validation, test, timing, all to a folder.
+
+A run folder holds ``config.json`` (the exact configuration), ``history.json`` and
+``history.csv`` (one row per epoch: losses, validation metrics, task weights, sparsity, time),
+``last.pt`` and ``best.pt`` (atomic checkpoints), ``sparsity.json`` (per-layer figures of the
+selected model's backbone), ``timing.json`` (inference latency) and ``results.json`` (the
+test metrics of the selected model, evaluated once, in eval mode).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from lomt_kernels import FusedGroupProxAdam, group_sparsity, prox_param_groups
+
+from .checkpoint import atomic_save, atomic_write_text, load_checkpoint, rng_state, seed_everything, set_rng_state
+from .config import RunConfig
+from .data import build_dataset, make_synthetic_celeba, make_synthetic_nyu, synthetic_root
+from .losses import build_weighting
+from .models import MultiTaskModel, build_model
+from .tasks import Task, resolve_tasks
+from .timing import measure_latency
+
+
+@dataclass
+class RunResult:
+    """What a finished run reports back; everything here is also in its folder."""
+
+    run_dir: Path
+    best_epoch: int
+    test_split: str
+    test_metrics: dict[str, dict[str, float]]
+    sparsity: dict[str, Any]
+    history: list[dict[str, Any]]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` is CUDA when present, else the CPU; asking for CUDA without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} was asked for, but torch sees no CUDA GPU; use --device cpu")
+    return device
+
+
+def run_dir_for(config: RunConfig) -> Path:
+    """``<out>/<dataset>-<tasks>/<prox>-lambda<lambda_>/seed<seed>``."""
+    tasks = "+".join(config.tasks)
+    return Path(config.out) / f"{config.dataset}-{tasks}" / f"{config.prox}-lambda{config.lambda_:g}" / f"seed{config.seed}"
+
+
+def validate(config: RunConfig) -> list[Task]:
+    """Check a config before any work is done; returns its tasks."""
+    if config.dataset not in ("nyu", "celeba"):
+        raise ValueError(f"unknown dataset {config.dataset!r}: expected 'nyu' or 'celeba'")
+    if config.lambda_ < 0:
+        raise ValueError(f"lambda_={config.lambda_} is negative: the sparsity strength must be >= 0")
+    if config.epochs < 1 or config.batch_size < 1:
+        raise ValueError(f"epochs ({config.epochs}) and batch size ({config.batch_size}) must be >= 1")
+    if not config.synthetic and config.data is None:
+        raise ValueError("give a dataset folder with --data PATH, or use --synthetic for the built-in data")
+    if not config.synthetic and not Path(config.data).is_dir():
+        raise FileNotFoundError(f"--data {config.data}: no such folder")
+    resolve_device(config.device)
+    build_weighting(config.weighting, config.tasks)
+    return resolve_tasks(config.tasks, config.dataset, depth_loss=config.depth_loss)
+
+
+def dataset_root(config: RunConfig) -> Path:
+    """The folder to read: ``--data``, or the built-in synthetic set (generated on first use)."""
+    if not config.synthetic:
+        return Path(config.data)
+    n = config.synthetic_images
+    size = (config.image_size, config.image_size)
+    root = synthetic_root(config.dataset)
+    if config.dataset == "nyu":
+        return make_synthetic_nyu(root, num_train=n, num_val=n // 4, num_test=n // 4, size=size, seed=0)
+    return make_synthetic_celeba(root, num_images=n + n // 2, size=size, seed=0)
+
+
+def _loader(dataset, config: RunConfig, *, shuffle: bool, epoch: int = 0) -> DataLoader:
+    # A generator seeded by (seed, epoch) fixes the shuffling and the workers' seeds, so an
+    # epoch's batches are the same whether or not the run was interrupted before it.
+    generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+    return DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        shuffle=shuffle,
+        drop_last=shuffle and len(dataset) > config.batch_size,
+        num_workers=config.workers,
+        generator=generator,
+        persistent_workers=False,
+    )
+
+
+def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+def _autocast(config: RunConfig, device: torch.device):
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=config.amp)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader: Iterable[dict[str, Any]], tasks: list[Task], config: RunConfig, device: torch.device
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Mean loss per task and metrics per task over a whole split, in eval mode."""
+    model.eval()
+    meters = {t.name: t.metrics() for t in tasks}
+    loss_sums = {t.name: 0.0 for t in tasks}
+    count = 0
+    for batch in loader:
+        batch = _to(batch, device)
+        with _autocast(config, device):
+            preds = model(batch["image"])
+        n = batch["image"].shape[0]
+        count += n
+        for t in tasks:
+            pred = preds[t.name].float()
+            loss_sums[t.name] += float(t.loss(pred, batch[t.name])) * n
+            meters[t.name].update(pred, batch[t.name])
+    return {k: v / max(count, 1) for k, v in loss_sums.items()}, {k: m.compute() for k, m in meters.items()}
+
+
+def _write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    atomic_write_text(json.dumps(history, indent=2), run_dir / "history.json")
+    flat = [_flatten(row) for row in history]
+    columns = list(dict.fromkeys(k for row in flat for k in row))
+    tmp = run_dir / ".history.csv.tmp"
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(flat)
+    tmp.replace(run_dir / "history.csv")
+
+
+def _flatten(row: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "/"))
+        else:
+            out[name] = value
+    return out
+
+
+def build_run(config: RunConfig, tasks: list[Task], num_classes: int, device: torch.device):
+    """Model, loss weighting, optimizer and LR schedule of a run, on ``device``."""
+    model = build_model(
+        tasks, num_classes=num_classes, backbone=config.backbone, weights=config.weights,
+        attach=config.attach or None, aspp_channels=config.aspp_channels,
+    ).to(device)
+    names = [t.name for t in tasks]
+    weighting = build_weighting(config.weighting, names).to(device)
+    groups = prox_param_groups(model, "backbone", lambda_=config.lambda_, prox=config.prox, grouping=config.grouping)
+    weighting_params = list(weighting.parameters())
+    if weighting_params:
+        groups.append({"params": weighting_params, "lambda_": 0.0, "weight_decay": 0.0})
+    optimizer = FusedGroupProxAdam(groups, lr=config.lr, weight_decay=config.weight_decay, backend=config.backend)
+    if config.lr_schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    elif config.lr_schedule == "step":
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(config.epochs // 3, 1), gamma=0.1)
+    elif config.lr_schedule == "none":
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    else:
+        raise ValueError(f"unknown lr_schedule {config.lr_schedule!r}: expected cosine, step or none")
+    return model, weighting, optimizer, scheduler
+
+
+def train(
+    config: RunConfig, *, resume: bool = False, progress: bool = True, stop_after: int | None = None
+) -> RunResult | None:
+    """Train one run to completion (or, with ``stop_after``, for that many epochs of this call).
+
+    ``resume=True`` continues from the run folder's ``last.pt`` so that the run ends exactly as
+    if it had never stopped. Returns ``None`` when stopped early by ``stop_after``.
+    """
+    tasks = validate(config)
+    device = resolve_device(config.device)
+    run_dir = run_dir_for(config)
+    if resume:
+        saved = RunConfig.load(run_dir / "config.json") if (run_dir / "config.json").exists() else None
+        if saved is not None and saved != config:
+            raise ValueError(f"--resume: {run_dir}/config.json differs from this command's options; rerun it as saved")
+    elif (run_dir / "last.pt").exists():
+        raise FileExistsError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(config.to_json(), run_dir / "config.json")
+
+    seed_everything(config.seed)
+    root = dataset_root(config)
+    names = [t.name for t in tasks]
+    common = dict(tasks=names, image_size=config.image_size, layout=config.layout, seed=config.seed)
+    train_set = build_dataset(config.dataset, root, "train", augment=config.augment, **common)
+    val_set = build_dataset(config.dataset, root, "val", **common)
+    model, weighting, optimizer, scheduler = build_run(config, tasks, train_set.num_classes, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.amp and device.type == "cuda")
+
+    history: list[dict[str, Any]] = []
+    best = {"score": math.inf, "epoch": -1, "bad_epochs": 0}
+    start_epoch = 0
+    if resume and (run_dir / "last.pt").exists():
+        ckpt = load_checkpoint(run_dir / "last.pt")
+        model.load_state_dict(ckpt["model"])
+        weighting.load_state_dict(ckpt["weighting"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        history, best, start_epoch = ckpt["history"], ckpt["best"], ckpt["epoch"] + 1
+
+    val_loader = _loader(val_set, config, shuffle=False)
+    epochs_run = 0
+    for epoch in range(start_epoch, config.epochs):
+        if best["bad_epochs"] >= config.patience > 0:
+            break
+        started = time.perf_counter()
+        model.train()
+        sums = {n: 0.0 for n in names}
+        seen = 0
+        bar = tqdm(
+            _loader(train_set, config, shuffle=True, epoch=epoch),
+            desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False,
+        )
+        for batch in bar:
+            batch = _to(batch, device)
+            with _autocast(config, device):
+                preds = model(batch["image"])
+                losses = {t.name: t.loss(preds[t.name].float(), batch[t.name]) for t in tasks}
+                total = weighting(losses)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(total).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            n = batch["image"].shape[0]
+            seen += n
+            for k, v in losses.items():
+                sums[k] += v.item() * n
+            bar.set_postfix(loss=f"{total.item():.3f}")
+        scheduler.step()
+
+        val_losses, val_metrics = evaluate(model, val_loader, tasks, config, device)
+        sparsity = group_sparsity(model.backbone, config.grouping)
+        score = sum(val_losses.values())
+        improved = score < best["score"]
+        if improved:
+            best = {"score": score, "epoch": epoch, "bad_epochs": 0}
+            atomic_save({"model": model.state_dict(), "epoch": epoch}, run_dir / "best.pt")
+        else:
+            best["bad_epochs"] += 1
+        row = {
+            "epoch": epoch + 1,
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": {k: v / max(seen, 1) for k, v in sums.items()},
+            "val_loss": val_losses,
+            "val": val_metrics,
+            "task_weight": weighting.weights(),
+            "group_sparsity": sparsity.group_sparsity,
+            "param_sparsity": sparsity.param_sparsity,
+            "seconds": time.perf_counter() - started,
+        }
+        history.append(row)
+        _write_history(run_dir, history)
+        atomic_save(
+            {
+                "model": model.state_dict(), "weighting": weighting.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "rng": rng_state(), "epoch": epoch,
+                "history": history, "best": best,
+            },
+            run_dir / "last.pt",
+        )
+        if progress:
+            tqdm.write(_summary_line(row, tasks))
+        epochs_run += 1
+        if stop_after is not None and epochs_run >= stop_after and epoch + 1 < config.epochs:
+            return None
+
+    return _finish(config, run_dir, model, tasks, device, history, root, common)
+
+
+def _summary_line(row: dict[str, Any], tasks: list[Task]) -> str:
+    parts = [f"epoch {row['epoch']}"]
+    for t in tasks:
+        value = row["val"][t.name][t.primary_metric]
+        parts.append(f"{t.name} {t.primary_metric}={value:.4g}")
+    parts.append(f"group sparsity {row['group_sparsity']:.1f}%")
+    return " | ".join(parts)
+
+
+def _finish(
+    config: RunConfig, run_dir: Path, model: MultiTaskModel, tasks: list[Task], device: torch.device,
+    history: list[dict[str, Any]], root: Path, common: dict[str, Any],
+) -> RunResult:
+    """Evaluate the selected model once on the test split, and record sparsity and latency."""
+    best_ckpt = load_checkpoint(run_dir / "best.pt")
+    model.load_state_dict(best_ckpt["model"])
+    try:
+        test_set = build_dataset(config.dataset, root, "test", **common)
+        split = "test"
+    except FileNotFoundError:
+        # NYUD_MT ships train/val only; its val split is the standard 654-image test set.
+        test_set = build_dataset(config.dataset, root, "val", **common)
+        split = "val"
+    _, test_metrics = evaluate(model, _loader(test_set, config, shuffle=False), tasks, config, device)
+    sparsity = group_sparsity(model.backbone, config.grouping).to_dict()
+    timing = {
+        part: [
+            measure_latency(module, batch_size=b, image_size=config.image_size, device=device,
+                            repeats=config.timing_repeats)
+            for b in config.timing_batch_sizes
+        ]
+        for part, module in (("backbone", model.backbone), ("model", model))
+    }
+    results = {
+        "best_epoch": best_ckpt["epoch"] + 1,
+        "test_split": split,
+        "test": test_metrics,
+        "group_sparsity": sparsity["total"]["group_sparsity"],
+        "param_sparsity": sparsity["total"]["param_sparsity"],
+        "lambda_": config.lambda_,
+        "seed": config.seed,
+        "tasks": [t.name for t in tasks],
+    }
+    atomic_write_text(json.dumps(sparsity, indent=2), run_dir / "sparsity.json")
+    atomic_write_text(json.dumps(timing, indent=2), run_dir / "timing.json")
+    atomic_write_text(json.dumps(results, indent=2), run_dir / "results.json")
+    return RunResult(run_dir, results["best_epoch"], split, test_metrics, sparsity, history)
+
+
+def run_sweep(
+    config: RunConfig, lambdas: Iterable[float], seeds: Iterable[int], *, resume: bool = False, progress: bool = True
+) -> list[RunResult]:
+    """One run per (lambda_, seed), each in its own folder; all validated before the first starts."""
+    configs = [dataclasses.replace(config, lambda_=lam, seed=seed) for lam in lambdas for seed in seeds]
+    for c in configs:
+        validate(c)
+    results = []
+    for c in configs:
+        if progress and len(configs) > 1:
+            tqdm.write(f"run lambda_={c.lambda_:g} seed={c.seed} -> {run_dir_for(c)}")
+        done = run_dir_for(c) / "results.json"
+        if resume and done.exists():
+            continue
+        result = train(c, resume=resume, progress=progress)
+        results.append(result)
+    return results

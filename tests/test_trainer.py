@@ -1,0 +1,110 @@
+"""End-to-end runs of the trainer and the CLI on tiny synthetic data."""
+
+import json
+
+import pytest
+import torch
+
+from lomt_train.checkpoint import load_checkpoint
+from lomt_train.cli import main
+from lomt_train.config import RunConfig
+from lomt_train.trainer import run_dir_for, train
+
+TINY = dict(
+    synthetic=True, backend="torch", backbone="small", aspp_channels=8, image_size=32, batch_size=4,
+    epochs=2, lr=2e-3, synthetic_images=8, timing_repeats=1, device="cpu",
+)
+
+
+@pytest.fixture(autouse=True)
+def _data_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOMT_DATA_CACHE", str(tmp_path / "cache"))
+
+
+def _config(tmp_path, **overrides) -> RunConfig:
+    values = {**TINY, "out": str(tmp_path / "runs"), **overrides}
+    return RunConfig(**values)
+
+
+@pytest.mark.parametrize(
+    "dataset, tasks", [("nyu", ["seg"]), ("nyu", ["seg", "normal", "depth"]), ("celeba", ["seg", "male", "smile"])]
+)
+def test_run_writes_a_complete_folder(tmp_path, dataset, tasks):
+    config = _config(tmp_path, dataset=dataset, tasks=tasks, lambda_=2.0)
+    result = train(config, progress=False)
+    run = result.run_dir
+    for name in ("config.json", "history.json", "history.csv", "last.pt", "best.pt", "sparsity.json", "timing.json", "results.json"):
+        assert (run / name).is_file(), name
+    assert RunConfig.load(run / "config.json") == config
+    history = json.loads((run / "history.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2]
+    results = json.loads((run / "results.json").read_text())
+    assert set(results["test"]) == {t if t != "smile" else "smiling" for t in tasks}
+    assert results["group_sparsity"] > 0
+    timing = json.loads((run / "timing.json").read_text())
+    assert timing["backbone"][0]["median_ms"] > 0 and timing["model"][0]["batch_size"] == 1
+
+
+def test_resume_ends_exactly_as_an_uninterrupted_run(tmp_path):
+    straight = _config(tmp_path / "a", dataset="nyu", tasks=["seg", "depth"], lambda_=0.05, epochs=3, augment=True)
+    interrupted = _config(tmp_path / "b", dataset="nyu", tasks=["seg", "depth"], lambda_=0.05, epochs=3, augment=True)
+    train(straight, progress=False)
+    assert train(interrupted, progress=False, stop_after=1) is None
+    assert len(json.loads((run_dir_for(interrupted) / "history.json").read_text())) == 1
+    train(interrupted, progress=False, resume=True)
+
+    a, b = (load_checkpoint(run_dir_for(c) / "last.pt") for c in (straight, interrupted))
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    strip = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]  # noqa: E731
+    assert strip(a["history"]) == strip(b["history"])
+    results = [json.loads((run_dir_for(c) / "results.json").read_text()) for c in (straight, interrupted)]
+    assert results[0]["test"] == results[1]["test"]
+
+
+def test_an_existing_run_is_not_overwritten(tmp_path):
+    config = _config(tmp_path, dataset="nyu", tasks=["depth"], epochs=1)
+    train(config, progress=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(config, progress=False)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["nyu", "--tasks", "seg,male", "--synthetic"], "not available for 'nyu'"),
+        (["celeba", "--tasks", "seg", "--synthetic", "--lambda", "-1"], "lambda_=-1.0 is negative"),
+        (["nyu", "--tasks", "seg", "--data", "/nonexistent/nyu"], "no such folder"),
+        (["nyu", "--tasks", "seg"], "--data PATH, or use --synthetic"),
+        (["nyu", "--tasks", "seg", "--synthetic", "--attach", "seg"], "expected TASK=LAYER"),
+    ],
+)
+def test_cli_rejects_bad_input_before_any_work(tmp_path, capsys, argv, message):
+    assert main([*argv, "--out", str(tmp_path / "runs")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without a GPU")
+def test_cli_asks_for_a_gpu_that_is_not_there(tmp_path, capsys):
+    assert main(["nyu", "--tasks", "seg", "--synthetic", "--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_cli_sweep_and_report(tmp_path):
+    out = tmp_path / "runs"
+    tiny_flags = [
+        "--backend", "torch", "--image-size", "32", "--batch-size", "4", "--epochs", "2",
+        "--aspp-channels", "8", "--synthetic-images", "8", "--device", "cpu", "--no-progress",
+    ]
+    argv = ["celeba", "--tasks", "seg,smile", "--synthetic", "--lambda", "0", "2", "--seeds", "0", "1", "--out", str(out)]
+    assert main(argv + tiny_flags) == 0
+    runs = sorted(out.rglob("results.json"))
+    assert len(runs) == 4
+    report = tmp_path / "report"
+    assert main(["report", str(out), "--out", str(report)]) == 0
+    table = (report / "table.md").read_text()
+    assert "smiling/accuracy" in table and "± " in table
+    assert len(list(report.glob("*.png"))) == 2
+    csv_lines = (report / "table.csv").read_text().splitlines()
+    assert len(csv_lines) == 3  # header + two lambda_ values
