@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .config import DATASETS, PAPER_BATCH_SIZE, PAPER_PRESET, PAPER_SEEDS, SYNTHETIC_PRESET, RunConfig
+from .tasks import resolve_tasks
 from .trainer import run_sweep
 
 
@@ -75,7 +76,8 @@ def config_from_args(dataset: str, args: argparse.Namespace) -> tuple[RunConfig,
     Precedence: defaults, then the synthetic preset (with ``--synthetic``), then the papers'
     preset (with ``--paper``), then explicit flags.
     """
-    values: dict[str, Any] = {"dataset": dataset, "tasks": [t.strip() for t in args.tasks.split(",") if t.strip()]}
+    # Canonical task names, so that `normals` and `normal` name the same run folder.
+    values: dict[str, Any] = {"dataset": dataset, "tasks": [t.name for t in resolve_tasks(args.tasks, dataset)]}
     lambdas: list[float] = [0.0]
     seeds: list[int] = [0]
     if args.synthetic:
