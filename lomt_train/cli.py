@@ -3,6 +3,9 @@
     lomt_train nyu --tasks seg,normal,depth --synthetic
     lomt_train celeba --tasks seg,male,smile --data /data/CelebAMask-HQ --paper --lambda 1e-5 1e-4
     lomt_train report runs/nyu-seg+normal+depth --out reports/nyu
+    lomt_train lomt-probe nyu --tasks seg,normal,depth --synthetic --seeds 0 1 --out runs/probe
+    lomt_train nyu --tasks seg,normal,depth --synthetic --lomt runs/probe/profile.json
+    lomt_train compact runs/nyu-seg+normal+depth/group_weighted-lambda0.01/seed0
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -110,6 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="tables and plots from run folders")
     report.add_argument("runs", nargs="+", type=Path, help="run folders, or folders that contain them")
     report.add_argument("--out", type=Path, default=Path("report"))
+    probe = sub.add_parser(
+        "lomt-probe",
+        help="LOMT step 1: train each task alone with sparsity, write profile.json (attachment layers) and a heatmap",
+    )
+    probe.add_argument("dataset", choices=DATASETS)
+    _add_train_arguments(probe)
+    compact = sub.add_parser("compact", help="physically remove zero channel groups from a run's best model")
+    compact.add_argument("run", type=Path, help="a run folder (config.json, best.pt)")
+    compact.add_argument("--image-size", type=int, default=256, help="input size for MACs and latency")
+    compact.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], help="latency batch sizes")
+    compact.add_argument("--repeats", type=int, default=5, help="timed calls per latency figure (after warm-up)")
+    compact.add_argument("--device", default="cpu", help="device for the latency figures")
     return parser
 
 
@@ -119,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in DATASETS:
             config, lambdas, seeds = config_from_args(args.command, args)
             results = run_sweep(config, lambdas, seeds, resume=args.resume, progress=not args.no_progress)
-            for result in results:
+            for result in results if os.environ.get("RANK", "0") == "0" else []:
                 print(f"{result.run_dir}: test ({result.test_split}) {json.dumps(result.test_metrics)}"
                       f" | group sparsity {result.sparsity['total']['group_sparsity']:.1f}%")
         elif args.command == "report":
@@ -127,6 +143,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             for path in write_report(args.runs, args.out):
                 print(path)
+        elif args.command == "lomt-probe":
+            from .lomt import probe, write_profile
+
+            config, lambdas, seeds = config_from_args(args.dataset, args)
+            profile = probe(config, lambdas, seeds, progress=not args.no_progress)
+            for path in write_profile(profile, config.out):
+                print(path)
+            print(f"attach: {json.dumps(profile['attach'])}")
+        elif args.command == "compact":
+            from .compaction import compact_run
+
+            report = compact_run(args.run, image_size=args.image_size, batch_sizes=tuple(args.batch_sizes),
+                                 repeats=args.repeats, device=args.device)
+            print((args.run / "compact.md").read_text(), end="")
+            print(f"max |sparse - compact| = {report['max_abs_diff']:.2e}")
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"lomt_train: error: {exc}", file=sys.stderr)
         return 2

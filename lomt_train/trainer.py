@@ -20,13 +20,15 @@ from typing import Any, Iterable
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from lomt_kernels import FusedGroupProxAdam, group_sparsity, prox_param_groups
 
 from .checkpoint import atomic_save, atomic_write_text, load_checkpoint, rng_state, seed_everything, set_rng_state
 from .config import RunConfig
+from .distributed import DistContext, init_distributed, shard
 from .data import build_dataset, make_synthetic_celeba, make_synthetic_nyu, synthetic_root
 from .losses import build_weighting
 from .models import MultiTaskModel, build_model
@@ -91,19 +93,32 @@ def dataset_root(config: RunConfig) -> Path:
     return make_synthetic_celeba(root, num_images=n + n // 2, size=size, seed=0)
 
 
-def _loader(dataset, config: RunConfig, *, shuffle: bool, epoch: int = 0) -> DataLoader:
-    # A generator seeded by (seed, epoch) fixes the shuffling and the workers' seeds, so an
-    # epoch's batches are the same whether or not the run was interrupted before it.
+def _train_loader(dataset, config: RunConfig, ctx: DistContext, epoch: int) -> DataLoader:
+    """This rank's batches of epoch ``epoch``, the same whether or not the run was interrupted.
+
+    Shuffling and the workers' seeds derive from (seed, epoch) only. Under DDP each rank draws
+    ``batch_size`` items per step from its DistributedSampler share (effective batch
+    ``batch_size * world_size``).
+    """
     generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+    sampler = None
+    if ctx.enabled:
+        sampler = DistributedSampler(dataset, ctx.world_size, ctx.rank, shuffle=True, seed=config.seed, drop_last=True)
+        sampler.set_epoch(epoch)
     return DataLoader(
         dataset,
         batch_size=config.batch_size,
-        shuffle=shuffle,
-        drop_last=shuffle and len(dataset) > config.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        # BatchNorm needs more than one item per batch; a short last batch is dropped.
+        drop_last=len(dataset) > config.batch_size * ctx.world_size,
         num_workers=config.workers,
         generator=generator,
-        persistent_workers=False,
     )
+
+
+def _eval_loader(dataset, config: RunConfig, ctx: DistContext) -> DataLoader:
+    return DataLoader(shard(dataset, ctx), batch_size=config.batch_size, num_workers=config.workers)
 
 
 def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -117,24 +132,63 @@ def _autocast(config: RunConfig, device: torch.device):
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: Iterable[dict[str, Any]], tasks: list[Task], config: RunConfig, device: torch.device
+    model: nn.Module, loader: Iterable[dict[str, Any]], tasks: list[Task], config: RunConfig, ctx: DistContext
 ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-    """Mean loss per task and metrics per task over a whole split, in eval mode."""
+    """Mean loss per task and metrics per task over a whole split, in eval mode.
+
+    Under DDP each rank evaluates its shard and the sums behind every figure are all-reduced,
+    so the result is the split-level figure, identical on every rank.
+    """
     model.eval()
     meters = {t.name: t.metrics() for t in tasks}
-    loss_sums = {t.name: 0.0 for t in tasks}
-    count = 0
+    loss_sums = torch.zeros(len(tasks) + 1, dtype=torch.float64, device=ctx.device)  # last entry: item count
     for batch in loader:
-        batch = _to(batch, device)
-        with _autocast(config, device):
+        batch = _to(batch, ctx.device)
+        with _autocast(config, ctx.device):
             preds = model(batch["image"])
         n = batch["image"].shape[0]
-        count += n
-        for t in tasks:
+        loss_sums[-1] += n
+        for i, t in enumerate(tasks):
             pred = preds[t.name].float()
-            loss_sums[t.name] += float(t.loss(pred, batch[t.name])) * n
+            loss_sums[i] += t.loss(pred, batch[t.name]).double() * n
             meters[t.name].update(pred, batch[t.name])
-    return {k: v / max(count, 1) for k, v in loss_sums.items()}, {k: m.compute() for k, m in meters.items()}
+    ctx.all_reduce_sum(loss_sums)
+    if ctx.enabled:
+        for meter in meters.values():
+            meter.sync(torch.distributed.all_reduce)
+    count = max(loss_sums[-1].item(), 1.0)
+    losses = {t.name: loss_sums[i].item() / count for i, t in enumerate(tasks)}
+    return losses, {k: m.compute() for k, m in meters.items()}
+
+
+class Objective(nn.Module):
+    """The model and its loss weighting as one module, so that DDP averages every gradient,
+    the weighting's log-variances included."""
+
+    def __init__(self, model: MultiTaskModel, weighting: nn.Module, tasks: list[Task]) -> None:
+        super().__init__()
+        self.model = model
+        self.weighting = weighting
+        self.tasks = tasks
+
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        preds = self.model(batch["image"])
+        losses = {t.name: t.loss(preds[t.name].float(), batch[t.name]) for t in self.tasks}
+        return self.weighting(losses), losses
+
+
+def train_step(
+    objective: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+    batch: dict[str, Tensor], autocast,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """One optimisation step on ``batch``; returns the weighted total and each task's loss."""
+    with autocast:
+        total, losses = objective(batch)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(total).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return total.detach(), {k: v.detach() for k, v in losses.items()}
 
 
 def _write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
@@ -190,10 +244,13 @@ def train(
     """Train one run to completion (or, with ``stop_after``, for that many epochs of this call).
 
     ``resume=True`` continues from the run folder's ``last.pt`` so that the run ends exactly as
-    if it had never stopped. Returns ``None`` when stopped early by ``stop_after``.
+    if it had never stopped. Returns ``None`` when stopped early by ``stop_after``. Under
+    ``torchrun`` every rank calls this; rank 0 alone writes files and shows progress.
     """
     tasks = validate(config)
-    device = resolve_device(config.device)
+    ctx = init_distributed(resolve_device(config.device))
+    device = ctx.device
+    progress = progress and ctx.is_main
     run_dir = run_dir_for(config)
     if resume:
         saved = RunConfig.load(run_dir / "config.json") if (run_dir / "config.json").exists() else None
@@ -201,11 +258,14 @@ def train(
             raise ValueError(f"--resume: {run_dir}/config.json differs from this command's options; rerun it as saved")
     elif (run_dir / "last.pt").exists():
         raise FileExistsError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(config.to_json(), run_dir / "config.json")
+    if ctx.is_main:
+        atomic_write_text(config.to_json(), run_dir / "config.json")
+        root = dataset_root(config)  # rank 0 generates synthetic data; the others then find it
+    ctx.barrier()
+    if not ctx.is_main:
+        root = dataset_root(config)
 
     seed_everything(config.seed)
-    root = dataset_root(config)
     names = [t.name for t in tasks]
     common = dict(tasks=names, image_size=config.image_size, layout=config.layout, seed=config.seed)
     train_set = build_dataset(config.dataset, root, "train", augment=config.augment, **common)
@@ -226,29 +286,30 @@ def train(
         set_rng_state(ckpt["rng"])
         history, best, start_epoch = ckpt["history"], ckpt["best"], ckpt["epoch"] + 1
 
-    val_loader = _loader(val_set, config, shuffle=False)
+    objective: nn.Module = Objective(model, weighting, tasks)
+    if ctx.enabled:
+        if device.type == "cuda":
+            objective = nn.SyncBatchNorm.convert_sync_batchnorm(objective)
+        objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
+    if progress:
+        tqdm.write(f"{run_dir}: {len(train_set)} training items, effective batch {config.batch_size * ctx.world_size}"
+                   f" ({ctx.world_size} process{'es' if ctx.enabled else ''}), device {device}")
+    val_loader = _eval_loader(val_set, config, ctx)
     epochs_run = 0
     for epoch in range(start_epoch, config.epochs):
         if best["bad_epochs"] >= config.patience > 0:
             break
         started = time.perf_counter()
-        model.train()
+        objective.train()
         sums = {n: 0.0 for n in names}
         seen = 0
         bar = tqdm(
-            _loader(train_set, config, shuffle=True, epoch=epoch),
+            _train_loader(train_set, config, ctx, epoch),
             desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False,
         )
         for batch in bar:
             batch = _to(batch, device)
-            with _autocast(config, device):
-                preds = model(batch["image"])
-                losses = {t.name: t.loss(preds[t.name].float(), batch[t.name]) for t in tasks}
-                total = weighting(losses)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            total, losses = train_step(objective, optimizer, scaler, batch, _autocast(config, device))
             n = batch["image"].shape[0]
             seen += n
             for k, v in losses.items():
@@ -256,13 +317,13 @@ def train(
             bar.set_postfix(loss=f"{total.item():.3f}")
         scheduler.step()
 
-        val_losses, val_metrics = evaluate(model, val_loader, tasks, config, device)
+        val_losses, val_metrics = evaluate(model, val_loader, tasks, config, ctx)
         sparsity = group_sparsity(model.backbone, config.grouping)
         score = sum(val_losses.values())
-        improved = score < best["score"]
-        if improved:
+        if score < best["score"]:
             best = {"score": score, "epoch": epoch, "bad_epochs": 0}
-            atomic_save({"model": model.state_dict(), "epoch": epoch}, run_dir / "best.pt")
+            if ctx.is_main:
+                atomic_save({"model": model.state_dict(), "epoch": epoch}, run_dir / "best.pt")
         else:
             best["bad_epochs"] += 1
         row = {
@@ -277,23 +338,25 @@ def train(
             "seconds": time.perf_counter() - started,
         }
         history.append(row)
-        _write_history(run_dir, history)
-        atomic_save(
-            {
-                "model": model.state_dict(), "weighting": weighting.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "rng": rng_state(), "epoch": epoch,
-                "history": history, "best": best,
-            },
-            run_dir / "last.pt",
-        )
+        if ctx.is_main:
+            _write_history(run_dir, history)
+            atomic_save(
+                {
+                    "model": model.state_dict(), "weighting": weighting.state_dict(),
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(), "rng": rng_state(), "epoch": epoch,
+                    "history": history, "best": best,
+                },
+                run_dir / "last.pt",
+            )
+        ctx.barrier()
         if progress:
             tqdm.write(_summary_line(row, tasks))
         epochs_run += 1
         if stop_after is not None and epochs_run >= stop_after and epoch + 1 < config.epochs:
             return None
 
-    return _finish(config, run_dir, model, tasks, device, history, root, common)
+    return _finish(config, run_dir, model, tasks, ctx, history, root, common)
 
 
 def _summary_line(row: dict[str, Any], tasks: list[Task]) -> str:
@@ -306,7 +369,7 @@ def _summary_line(row: dict[str, Any], tasks: list[Task]) -> str:
 
 
 def _finish(
-    config: RunConfig, run_dir: Path, model: MultiTaskModel, tasks: list[Task], device: torch.device,
+    config: RunConfig, run_dir: Path, model: MultiTaskModel, tasks: list[Task], ctx: DistContext,
     history: list[dict[str, Any]], root: Path, common: dict[str, Any],
 ) -> RunResult:
     """Evaluate the selected model once on the test split, and record sparsity and latency."""
@@ -319,11 +382,14 @@ def _finish(
         # NYUD_MT ships train/val only; its val split is the standard 654-image test set.
         test_set = build_dataset(config.dataset, root, "val", **common)
         split = "val"
-    _, test_metrics = evaluate(model, _loader(test_set, config, shuffle=False), tasks, config, device)
+    _, test_metrics = evaluate(model, _eval_loader(test_set, config, ctx), tasks, config, ctx)
     sparsity = group_sparsity(model.backbone, config.grouping).to_dict()
+    result = RunResult(run_dir, best_ckpt["epoch"] + 1, split, test_metrics, sparsity, history)
+    if not ctx.is_main:
+        return result
     timing = {
         part: [
-            measure_latency(module, batch_size=b, image_size=config.image_size, device=device,
+            measure_latency(module, batch_size=b, image_size=config.image_size, device=ctx.device,
                             repeats=config.timing_repeats)
             for b in config.timing_batch_sizes
         ]
@@ -342,7 +408,7 @@ def _finish(
     atomic_write_text(json.dumps(sparsity, indent=2), run_dir / "sparsity.json")
     atomic_write_text(json.dumps(timing, indent=2), run_dir / "timing.json")
     atomic_write_text(json.dumps(results, indent=2), run_dir / "results.json")
-    return RunResult(run_dir, results["best_epoch"], split, test_metrics, sparsity, history)
+    return result
 
 
 def run_sweep(
