@@ -1,0 +1,257 @@
+r"""The methods the benchmarks compare: the unfused ways to get a proximal Adam step, and ours.
+
+Each method takes one optimizer step over a :class:`~benchmarks.params.ParamSet`, from the
+set's warm state (:meth:`Method.restore` puts it back before every timed round):
+
+* **floor** -- ``torch.optim.Adam(fused=True)`` and ``(foreach=True)``, no prox: the cost of
+  Adam alone.
+* **unfused** -- what a user writes by hand: ``Adam(fused=True)`` and then the prox as separate
+  tensor ops per tensor (:func:`group_prox_ops_`, :func:`l1_prox_ops_`); and the published
+  approach to the adaptive (weighted) prox, ``Adam(fused=True)`` and then, layer by layer, a fixed
+  number of plain Newton iterations per group (:func:`published_weighted_prox_`).
+* **fused** -- :class:`lomt_kernels.FusedGroupProxAdam` with a named backend.
+
+All hyperparameters come from :mod:`benchmarks.params`; groups are input channels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lomt_kernels import FusedGroupProxAdam
+from lomt_kernels.backends import BACKENDS, unavailable_reason
+
+from .params import BETAS, EPS, LR, ParamSet
+
+#: Newton iterations of the published weighted prox (a fixed count, no convergence test).
+PUBLISHED_NEWTON_ITERS = 10
+PROXES = ("group", "group_weighted", "l1")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What to run: ``kind`` is ``"floor"``, ``"unfused"`` or ``"fused"``."""
+
+    key: str
+    label: str
+    kind: str
+    prox: str
+    backend: str | None = None
+
+
+FLOOR = (
+    MethodSpec("adam-fused", "torch.optim.Adam(fused=True)", "floor", "none"),
+    MethodSpec("adam-foreach", "torch.optim.Adam(foreach=True)", "floor", "none"),
+)
+UNFUSED = (
+    MethodSpec("unfused-group", "Adam(fused) + group prox as tensor ops", "unfused", "group"),
+    MethodSpec("unfused-l1", "Adam(fused) + l1 prox as tensor ops", "unfused", "l1"),
+    MethodSpec(
+        "published-weighted",
+        f"Adam(fused) + weighted prox, {PUBLISHED_NEWTON_ITERS} Newton its/layer (published)",
+        "unfused", "group_weighted",
+    ),
+)
+#: The unfused method each fused prox is compared (and, in small mode, checked) against.
+UNFUSED_FOR = {"group": "unfused-group", "l1": "unfused-l1", "group_weighted": "published-weighted"}
+
+
+def fused_spec(backend: str, prox: str) -> MethodSpec:
+    return MethodSpec(f"fused-{backend}-{prox}", f"FusedGroupProxAdam[{backend}] {prox}", "fused", prox, backend)
+
+
+def all_specs(backends: tuple[str, ...] = BACKENDS) -> list[MethodSpec]:
+    """Every method, floors first, then each unfused prox and its fused versions."""
+    specs = list(FLOOR)
+    for prox in PROXES:
+        specs.append(next(s for s in UNFUSED if s.key == UNFUSED_FOR[prox]))
+        specs.extend(fused_spec(b, prox) for b in backends)
+    return specs
+
+
+def skip_reason(spec: MethodSpec, device: torch.device | str) -> str | None:
+    """Why ``spec`` cannot be benchmarked on ``device`` (``None`` if it can)."""
+    device = torch.device(device)
+    if spec.kind != "fused":
+        if device.type == "cuda" and not torch.cuda.is_available():
+            return "no CUDA device"
+        return None
+    reason = unavailable_reason(spec.backend, device)
+    if reason is not None:
+        return f"backend {spec.backend!r} unavailable on {device}: {reason}"
+    if spec.backend == "triton" and device.type == "cpu":
+        return "backend 'triton' on the CPU is Triton's interpreter (TRITON_INTERPRET=1), a debugging tool, not a benchmark"
+    return None
+
+
+# --- the prox as a user writes it: separate tensor ops per tensor --------------------------
+
+def _group_dims(p: Tensor) -> tuple[int, ...]:
+    """The dims a group spans for in-channel groups: all but dim 1."""
+    return tuple(d for d in range(p.dim()) if d != 1)
+
+
+def group_prox_ops_(p: Tensor, tau: float) -> None:
+    """``p_G *= max(0, 1 - tau/||p_G||)`` per input channel: a norm, a clamp and a mul."""
+    norm = torch.linalg.vector_norm(p, dim=_group_dims(p), keepdim=True)
+    p.mul_((1 - tau / norm).clamp_(min=0))
+
+
+def l1_prox_ops_(p: Tensor, threshold: float) -> None:
+    """Soft thresholding: ``p = softshrink(p, threshold)``."""
+    p.copy_(torch.nn.functional.softshrink(p, threshold))
+
+
+def published_weighted_prox_(p: Tensor, v: Tensor, step: float, tau: float, iters: int) -> None:
+    r"""The weighted group prox as published: a fixed number of plain Newton iterations.
+
+    With ``d = sqrt(v)/sqrt(1 - beta2^t) + eps`` and ``a = tau/d``, a group is zero when
+    ``||d z|| <= tau``; otherwise ``theta = ||x||`` solves
+    :math:`f(\theta) = \sum_j z_j^2/(\theta + a_j)^2 - 1 = 0`, here by ``iters`` Newton steps
+    on ``f`` itself from ``theta = 0``, with no safeguard and no convergence test, and
+    ``x_j = d_j theta z_j/(d_j theta + tau)``. Vectorised over the groups of one layer only.
+    """
+    dims = _group_dims(p)
+    d = v.sqrt().div_(math.sqrt(1 - BETAS[1] ** step)).add_(EPS)
+    z = p
+    active = torch.linalg.vector_norm(z * d, dim=dims, keepdim=True) > tau
+    a = tau / d
+    theta = torch.zeros_like(active, dtype=p.dtype)
+    for _ in range(iters):
+        r = theta + a
+        q2 = (z / r) ** 2
+        f = q2.sum(dims, keepdim=True) - 1
+        fprime = -2 * (q2 / r).sum(dims, keepdim=True)
+        theta = theta - f / fprime
+    x = d * theta * z / (d * theta + tau)
+    p.copy_(torch.where(active, x, torch.zeros_like(x)))
+
+
+def _tau(p: Tensor, lambda_: float) -> float:
+    return LR * lambda_ * math.sqrt(p.numel() // p.shape[1])
+
+
+_FLUSH_BYTES = 256 << 20
+_flush_buffers: dict[torch.device, Tensor] = {}
+
+
+def flush_caches(device: torch.device) -> None:
+    """Write a 256 MiB buffer on ``device``: more than any CPU L3 or GPU L2 holds."""
+    buf = _flush_buffers.get(device)
+    if buf is None:
+        buf = _flush_buffers[device] = torch.empty(_FLUSH_BYTES // 4, dtype=torch.float32, device=device)
+    buf.fill_(1.0)
+
+
+# --- one runnable method ---------------------------------------------------------------
+
+class Method:
+    """One method's params, optimizer and state over a :class:`ParamSet`, ready to step.
+
+    Params are copies of the set's; gradients are the set's own tensors (no method writes
+    them). ``restore()`` copies the set's params and warm state back in, so each call of
+    ``step()`` after it does the same work.
+    """
+
+    def __init__(self, spec: MethodSpec, pset: ParamSet, *, newton_iters: int = PUBLISHED_NEWTON_ITERS):
+        self.spec = spec
+        self.pset = pset
+        self.newton_iters = newton_iters
+        self.lambda_ = pset.lambdas.get(spec.prox, 0.0)
+        self.params = [nn.Parameter(p.clone()) for p in pset.params]
+        for p, g in zip(self.params, pset.grads):
+            p.grad = g
+        self.prox_params = [p for p, m in zip(self.params, pset.prox_mask) if m]
+        fused_state_step = False
+        if spec.kind == "fused":
+            groups = [{"params": self.prox_params, "lambda_": self.lambda_, "prox": spec.prox}]
+            rest = [p for p, m in zip(self.params, pset.prox_mask) if not m]
+            if rest:
+                groups.append({"params": rest, "lambda_": 0.0, "prox": "none"})
+            self.optimizer: torch.optim.Optimizer = FusedGroupProxAdam(
+                groups, lr=LR, betas=BETAS, eps=EPS, grouping="in_channel", backend=spec.backend
+            )
+        else:
+            foreach = spec.key == "adam-foreach"
+            self.optimizer = torch.optim.Adam(
+                self.params, lr=LR, betas=BETAS, eps=EPS,
+                fused=not foreach, foreach=True if foreach else None,
+            )
+            fused_state_step = not foreach
+        for p, m, v in zip(self.params, pset.exp_avgs, pset.exp_avg_sqs):
+            self.optimizer.state[p] = {
+                "step": torch.tensor(0.0, dtype=torch.float32, device=p.device if fused_state_step else "cpu"),
+                "exp_avg": torch.empty_like(m),
+                "exp_avg_sq": torch.empty_like(v),
+            }
+        self.restore()
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put the set's params and warm Adam state back, then evict them from the caches.
+
+        The eviction makes every round start cold, as a training step does after the forward
+        and backward passes, even when the whole set fits in the last-level cache.
+        """
+        for p, p0, m0, v0 in zip(self.params, self.pset.params, self.pset.exp_avgs, self.pset.exp_avg_sqs):
+            state = self.optimizer.state[p]
+            p.copy_(p0)
+            state["exp_avg"].copy_(m0)
+            state["exp_avg_sq"].copy_(v0)
+            state["step"].fill_(self.pset.step)
+        flush_caches(self.pset.device)
+        self.synchronize()
+
+    def synchronize(self) -> None:
+        if self.pset.device.type == "cuda":
+            torch.cuda.synchronize(self.pset.device)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One step; on CUDA it returns when the device has finished."""
+        self.optimizer.step()
+        prox = self.spec.prox if self.spec.kind == "unfused" else "none"
+        if prox == "group":
+            for p in self.prox_params:
+                group_prox_ops_(p, _tau(p, self.lambda_))
+        elif prox == "l1":
+            for p in self.prox_params:
+                l1_prox_ops_(p, LR * self.lambda_)
+        elif prox == "group_weighted":
+            step = self.pset.step + 1  # the state's step after this step's increment
+            for p in self.prox_params:
+                v = self.optimizer.state[p]["exp_avg_sq"]
+                published_weighted_prox_(p, v, step, _tau(p, self.lambda_), self.newton_iters)
+        self.synchronize()
+
+    @torch.no_grad()
+    def zero_group_fraction(self) -> float:
+        """Fraction of the prox tensors' groups (elements, for ``l1``) that are exactly zero."""
+        zero = total = 0
+        for p in self.prox_params:
+            if self.spec.prox == "l1":
+                zero += int((p == 0).sum())
+                total += p.numel()
+            else:
+                nonzero = torch.linalg.vector_norm(p, dim=_group_dims(p)) != 0
+                zero += int((~nonzero).sum())
+                total += nonzero.numel()
+        return zero / total if total else 0.0
+
+    def state_tensors(self) -> list[Tensor]:
+        """Params, then ``exp_avg``s, then ``exp_avg_sq``s (for comparing methods)."""
+        states = [self.optimizer.state[p] for p in self.params]
+        return (
+            [p.detach() for p in self.params]
+            + [s["exp_avg"] for s in states]
+            + [s["exp_avg_sq"] for s in states]
+        )
+
+
+def max_abs_diff(a: Method, b: Method) -> float:
+    """The largest elementwise difference between two methods' params and states."""
+    return max(float((x.float() - y.float()).abs().max()) for x, y in zip(a.state_tensors(), b.state_tensors()))

@@ -1,0 +1,82 @@
+"""Configuration of the benchmark suite, read from the environment.
+
+* ``LOMT_BENCH_SMALL=1`` (or ``--benchmark-disable``): small param sets, for the CI smoke run.
+* ``LOMT_BENCH_DEVICE``: ``cpu``, ``cuda`` or ``cpu,cuda`` (default: ``cuda`` when present, else
+  ``cpu``).
+* ``LOMT_BENCH_SIZES``: the sweep sizes in millions of params (default ``1,4,16,64``).
+* ``LOMT_BENCH_ROUNDS``: timed rounds per method (default 5; the slow published baseline
+  takes at most 3).
+* ``LOMT_BENCH_THREADS``: ``torch.set_num_threads`` for CPU runs (default 2).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from benchmarks.params import SWEEP_SIZES_M, build_set, set_names
+
+
+def small_mode(config: pytest.Config) -> bool:
+    return os.environ.get("LOMT_BENCH_SMALL", "0") not in ("", "0") or bool(
+        config.getoption("benchmark_disable", default=False)
+    )
+
+
+def devices() -> list[str]:
+    default = "cuda" if torch.cuda.is_available() else "cpu"
+    return [d.strip() for d in os.environ.get("LOMT_BENCH_DEVICE", default).split(",") if d.strip()]
+
+
+def sweep_sizes() -> tuple[float, ...]:
+    raw = os.environ.get("LOMT_BENCH_SIZES")
+    return tuple(float(x) for x in raw.split(",")) if raw else SWEEP_SIZES_M
+
+
+def rounds() -> int:
+    return int(os.environ.get("LOMT_BENCH_ROUNDS", "5"))
+
+
+def threads() -> int:
+    return int(os.environ.get("LOMT_BENCH_THREADS", "2"))
+
+
+def suite_sets(config: pytest.Config) -> list[str]:
+    return set_names(small_mode(config), sweep_sizes())
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    torch.set_num_threads(threads())
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):  # noqa: ANN001
+    machine_info["torch"] = torch.__version__
+    machine_info["torch_num_threads"] = torch.get_num_threads()
+    try:
+        import triton
+
+        machine_info["triton"] = triton.__version__
+    except ImportError:
+        machine_info["triton"] = None
+    if torch.cuda.is_available():
+        machine_info["cuda_device"] = torch.cuda.get_device_name()
+
+
+_cache: dict[tuple[str, str], object] = {}
+
+
+@pytest.fixture(scope="session")
+def param_set():
+    """``param_set(name, device)``: the set, built once; only the latest set is kept in memory."""
+
+    def get(name: str, device: str):
+        key = (name, device)
+        if key not in _cache:
+            _cache.clear()
+            _cache[key] = build_set(name, device)
+        return _cache[key]
+
+    yield get
+    _cache.clear()

@@ -1,0 +1,75 @@
+"""The benchmark suite's param sets and baselines, checked cheaply so the suite cannot rot.
+
+The timed suite itself runs in CI as ``LOMT_BENCH_SMALL=1 pytest benchmarks --benchmark-disable``.
+"""
+
+import math
+
+import pytest
+import torch
+
+from benchmarks import report
+from benchmarks.baselines import (
+    FLOOR, UNFUSED, UNFUSED_FOR, Method, fused_spec, max_abs_diff, published_weighted_prox_,
+)
+from benchmarks.params import build_set, resnet50_conv_shapes, small_convs, sweep_shapes
+from lomt_kernels.reference import weighted_group_prox
+
+
+def test_resnet50_backbone_has_the_papers_53_convs_and_23_45m_params():
+    shapes = resnet50_conv_shapes()
+    assert len(shapes) == 53
+    assert sum(math.prod(s) for s in shapes) == 23_454_912
+
+
+@pytest.mark.parametrize("millions", [1, 4, 16, 64])
+def test_sweep_sets_are_within_3_percent_of_their_size(millions):
+    total = sum(math.prod(s) for s in sweep_shapes(millions * 10**6))
+    assert abs(total - millions * 10**6) <= 0.03 * millions * 10**6
+
+
+def test_restore_makes_every_step_the_same():
+    pset = small_convs()
+    initial = [p.clone() for p in pset.params]
+    method = Method(fused_spec("torch", "group"), pset)
+    method.step()
+    first = [t.clone() for t in method.state_tensors()]
+    method.restore()
+    method.step()
+    assert all(torch.equal(a, b) for a, b in zip(first, method.state_tensors()))
+    assert all(torch.equal(p, p0) for p, p0 in zip(pset.params, initial))  # the set is never written
+
+
+def test_published_prox_converges_to_the_reference_weighted_prox():
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(8, 6, 3, 3, generator=gen, dtype=torch.float64)
+    d = torch.rand(8, 6, 3, 3, generator=gen, dtype=torch.float64) + 0.1
+    tau = 0.5
+    # published_weighted_prox_ rebuilds d from v at step t: pick v so that it gets d back.
+    t = 1e6  # 1 - beta2**t == 1
+    v = (d - 1e-8) ** 2
+    p = z.clone()
+    published_weighted_prox_(p, v, t, tau, iters=60)
+    expected = weighted_group_prox(z, d, tau, "in_channel")
+    torch.testing.assert_close(p, expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("prox", ["group", "l1", "group_weighted"])
+def test_reference_backend_matches_the_unfused_baseline_on_the_small_nyu_model(prox):
+    pset = build_set("nyu-3task-small")
+    fused = Method(fused_spec("torch", prox), pset)
+    fused.step()
+    unfused_spec = next(s for s in UNFUSED if s.key == UNFUSED_FOR[prox])
+    unfused = Method(unfused_spec, pset, newton_iters=60)
+    unfused.step()
+    assert max_abs_diff(fused, unfused) <= 1e-5
+    assert 0.3 <= fused.zero_group_fraction() <= 0.7
+
+
+def test_report_quick_run_writes_the_table(tmp_path):
+    out = tmp_path / "RESULTS.md"
+    assert report.main(["--device", "cpu", "--sets", "small-convs", "--repeats", "1", "--output", str(out)]) == 0
+    text = out.read_text()
+    assert "torch.optim.Adam(fused=True)" in text and "× Adam(fused)" in text
+    assert "Performance summary" in text
+    assert FLOOR[0].label in text
