@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import backends
+from . import backends, distributed
 from .grouping import GROUPINGS, PROXES
 
 # Keys our param groups add to torch.optim.Adam's, with their defaults: filled in when a
@@ -152,6 +152,10 @@ class FusedGroupProxAdam(Optimizer):
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            elif distributed.is_dtensor(p):
+                # A plain load_state_dict may have left full tensors or other placements.
+                for key in ("exp_avg", "exp_avg_sq"):
+                    state[key] = distributed.align_state(p, state[key])
             params.append(p)
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
@@ -179,27 +183,38 @@ class FusedGroupProxAdam(Optimizer):
                 continue
             beta1, beta2 = group["betas"]
             torch._foreach_add_(steps, 1)
+            hyper = dict(
+                lr=float(group["lr"]),
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                decoupled_weight_decay=group["decoupled_weight_decay"],
+                maximize=group["maximize"],
+                lambda_=group["lambda_"],
+                prox=group["prox"],
+                grouping=group["grouping"],
+            )
             by_device: dict[torch.device, list[int]] = {}
+            sharded: list[int] = []
             for i, p in enumerate(params):
-                by_device.setdefault(p.device, []).append(i)
+                if distributed.is_dtensor(p):
+                    sharded.append(i)
+                else:
+                    by_device.setdefault(p.device, []).append(i)
             for device, idx in by_device.items():
                 _, step_fn = backends.resolve(group["backend"], device)
                 step_fn(
-                    [params[i] for i in idx],
-                    [grads[i] for i in idx],
-                    [exp_avgs[i] for i in idx],
-                    [exp_avg_sqs[i] for i in idx],
-                    [steps[i] for i in idx],
-                    lr=float(group["lr"]),
-                    beta1=beta1,
-                    beta2=beta2,
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                    decoupled_weight_decay=group["decoupled_weight_decay"],
-                    maximize=group["maximize"],
-                    lambda_=group["lambda_"],
-                    prox=group["prox"],
-                    grouping=group["grouping"],
+                    *([tensors[i] for i in idx] for tensors in (params, grads, exp_avgs, exp_avg_sqs, steps)),
+                    **hyper,
                     grad_scale=None if grad_scale is None else grad_scale.to(device),
+                )
+            if sharded:
+                # DTensor params (FSDP2, tensor parallel): local shards, with cross-rank group norms.
+                distributed.sharded_group_prox_adam(
+                    *([tensors[i] for i in sharded] for tensors in (params, grads, exp_avgs, exp_avg_sqs, steps)),
+                    backend=group["backend"],
+                    **hyper,
+                    grad_scale=grad_scale,
                 )
         return loss

@@ -23,14 +23,22 @@ and then ``p = prox(z)`` group by group (see :mod:`lomt_kernels.grouping`), with
   ``D = diag(d_G)``, solved by :func:`weighted_group_prox`;
 * ``l1``: :math:`p = \mathrm{sign}(z)\max(|z| - \mathrm{lr}\,\lambda, 0)`;
 * ``none`` (or ``lambda_ == 0``, or a tensor with fewer than two dims): ``p = z``.
+
+The group proxes need each group's sums (its norm, and the weighted prox's Newton sums). When a
+tensor is one shard of a bigger one whose groups span shards (an FSDP2 ``Shard(0)`` weight
+grouped by input channel), a ``reduce`` hook sums those per-group partial sums across the
+shards: the same maths, with one all-reduce where the unsharded code takes a sum
+(:mod:`lomt_kernels.distributed`). ``reduce=None`` means every group lies wholly in the tensor.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
-from .grouping import as_groups, from_groups, group_threshold, is_grouped
+from .grouping import as_groups, from_groups, group_dim, group_threshold, is_grouped
 
 #: Newton iterations allowed for the weighted prox's scalar equation. The iteration is monotone
 #: from below (see :func:`weighted_group_prox`) and quadratically convergent; with the
@@ -39,11 +47,35 @@ WEIGHTED_PROX_MAX_ITER = 30
 #: Stop once ``1 - phi(theta) <= rtol``, i.e. ``||x||`` is within ``rtol`` of ``theta``.
 WEIGHTED_PROX_RTOL = {torch.float64: 1e-12, torch.float32: 1e-6}
 
+#: Sums per-group partial sums over the shards a group is split across. It takes a
+#: ``[groups, k]`` tensor of this shard's partial sums (``k`` sums per group, reduced together)
+#: and returns the totals in the same shape, identical on every shard.
+GroupReduce = Callable[[Tensor], Tensor]
 
-def group_shrink(z: Tensor, tau: float, grouping: str) -> Tensor:
-    r"""The group-lasso prox :math:`\max(0, 1 - \tau/\|z_G\|)\, z_G` for every group of ``z``."""
+
+def _group_norms(*rows: Tensor, reduce: GroupReduce | None) -> tuple[Tensor, ...]:
+    """Each group's 2-norm, ``[groups, 1]``, for each ``[groups, n]`` tensor; one ``reduce`` for all."""
+    if reduce is None:
+        return tuple(r.norm(dim=1, keepdim=True) for r in rows)
+    sums = reduce(torch.cat([r.square().sum(dim=1, keepdim=True) for r in rows], dim=1))
+    return sums.sqrt().split(1, dim=1)
+
+
+def _group_sums(*terms: Tensor, reduce: GroupReduce | None) -> tuple[Tensor, ...]:
+    """Each group's sum, ``[groups, 1]``, for each ``[groups, n]`` tensor; one ``reduce`` for all."""
+    sums = tuple(t.sum(dim=1, keepdim=True) for t in terms)
+    if reduce is None:
+        return sums
+    return reduce(torch.cat(sums, dim=1)).split(1, dim=1)
+
+
+def group_shrink(z: Tensor, tau: float, grouping: str, *, reduce: GroupReduce | None = None) -> Tensor:
+    r"""The group-lasso prox :math:`\max(0, 1 - \tau/\|z_G\|)\, z_G` for every group of ``z``.
+
+    ``reduce`` sums the groups' squared norms across shards (see :data:`GroupReduce`).
+    """
     rows = as_groups(z, grouping)
-    norm = rows.norm(dim=1, keepdim=True)
+    (norm,) = _group_norms(rows, reduce=reduce)
     scale = torch.where(norm > tau, 1 - tau / norm.clamp_min(torch.finfo(z.dtype).tiny), 0)
     return from_groups(rows * scale, z, grouping)
 
@@ -56,6 +88,7 @@ def weighted_group_prox(
     *,
     max_iter: int = WEIGHTED_PROX_MAX_ITER,
     rtol: float | None = None,
+    reduce: GroupReduce | None = None,
 ) -> Tensor:
     r"""The adaptive (diagonally weighted) group prox of Deleu & Bengio (2021).
 
@@ -70,24 +103,35 @@ def weighted_group_prox(
     monotonically to the root without overshooting; when all :math:`a_j` are equal
     :math:`\varphi` is linear and one step is exact. Iterates are clamped to
     :math:`[0, \|z\|]` (``theta = ||x|| <= ||z||``), a safeguard kept in every backend.
+    ``tau == 0`` is the identity (``lr == 0``, as in a warm-up's first step).
+
+    ``reduce`` sums the per-group sums across shards (see :data:`GroupReduce`): one reduction
+    for ``(||Dz||^2, ||z||^2)``, then one per Newton iteration for the two sums
+    :math:`\sum_j z_j^2/(\theta + a_j)^2` and :math:`\sum_j z_j^2/(\theta + a_j)^3`. Every
+    branch depends only on reduced values, so all shards take the same branches.
     """
+    if tau == 0:
+        return z.clone()
     if rtol is None:
         rtol = WEIGHTED_PROX_RTOL.get(z.dtype, 1e-6)
     zr = as_groups(z, grouping)
     dr = as_groups(d, grouping)
-    active = (zr * dr).norm(dim=1) > tau
+    dz_norm, z_norm = _group_norms(zr * dr, zr, reduce=reduce)
+    active = dz_norm.squeeze(1) > tau
     out = torch.zeros_like(zr)
     if active.any():
         za, da = zr[active], dr[active]
         a = tau / da
         theta = torch.zeros(za.shape[0], 1, dtype=z.dtype, device=z.device)
-        upper = za.norm(dim=1, keepdim=True)
+        upper = z_norm[active]
         for _ in range(max_iter):
             q = za / (theta + a)
-            phi = (q * q).sum(dim=1, keepdim=True).rsqrt()
+            q2 = q * q
+            s2, s3 = _group_sums(q2, q2 / (theta + a), reduce=reduce)
+            phi = s2.rsqrt()
             if (1 - phi).max() <= rtol:
                 break
-            dphi = (q * q / (theta + a)).sum(dim=1, keepdim=True) * phi**3
+            dphi = s3 * phi**3
             theta = torch.minimum(theta + (1 - phi) / dphi, upper).clamp_min(0)
         out[active] = da * theta * za / (da * theta + tau)
     return from_groups(out, z, grouping)
@@ -125,37 +169,73 @@ def group_prox_adam(
     for p, g, m, v, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
         if p.numel() == 0:
             continue
-        compute = torch.promote_types(p.dtype, torch.float32)
-        x = p.to(compute)
-        g = g.to(compute)
-        if grad_scale is not None:
-            g = g / grad_scale.to(compute)
-        if maximize:
-            g = -g
-        if weight_decay != 0:
-            if decoupled_weight_decay:
-                x = x * (1 - lr * weight_decay)
-            else:
-                g = g + weight_decay * x
-        m32 = torch.lerp(m.to(compute), g, 1 - beta1)
-        v32 = v.to(compute) * beta2 + (1 - beta2) * g * g
-        step = float(step_t)
-        bc1 = 1 - beta1**step
-        bc2 = 1 - beta2**step
-        d = v32.sqrt() / bc2**0.5 + eps
-        z = x - (lr / bc1) * m32 / d
+        group_prox_adam_tensor(
+            p, g, m, v, step_t, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, lambda_=lambda_,
+            prox=prox, grouping=grouping, grad_scale=grad_scale,
+        )
 
-        if prox != "none" and lambda_ != 0 and is_grouped(p):
-            if prox == "l1":
-                z = l1_shrink(z, group_threshold(lr, lambda_, prox, 1))
-            else:
-                n_group = p.numel() // p.shape[1 if grouping == "in_channel" else 0]
-                tau = group_threshold(lr, lambda_, prox, n_group)
-                if prox == "group":
-                    z = group_shrink(z, tau, grouping)
-                else:
-                    z = weighted_group_prox(z, d, tau, grouping)
 
-        p.copy_(z)
-        m.copy_(m32)
-        v.copy_(v32)
+def group_prox_adam_tensor(
+    p: Tensor,
+    g: Tensor,
+    m: Tensor,
+    v: Tensor,
+    step_t: Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    maximize: bool,
+    lambda_: float,
+    prox: str,
+    grouping: str,
+    grad_scale: Tensor | None = None,
+    group_size: int | None = None,
+    reduce: GroupReduce | None = None,
+) -> None:
+    """:func:`group_prox_adam` for one tensor, which may be one shard of a bigger tensor.
+
+    For a shard, ``group_size`` is the whole tensor's ``n_G`` (the prox threshold's) and
+    ``reduce`` sums per-group partial sums across the shards (see :data:`GroupReduce`); a shard
+    may then be empty, and still takes part in the reductions. By default both describe ``p``
+    itself.
+    """
+    compute = torch.promote_types(p.dtype, torch.float32)
+    x = p.to(compute)
+    g = g.to(compute)
+    if grad_scale is not None:
+        g = g / grad_scale.to(compute)
+    if maximize:
+        g = -g
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            x = x * (1 - lr * weight_decay)
+        else:
+            g = g + weight_decay * x
+    m32 = torch.lerp(m.to(compute), g, 1 - beta1)
+    v32 = v.to(compute) * beta2 + (1 - beta2) * g * g
+    step = float(step_t)
+    bc1 = 1 - beta1**step
+    bc2 = 1 - beta2**step
+    d = v32.sqrt() / bc2**0.5 + eps
+    z = x - (lr / bc1) * m32 / d
+
+    if prox != "none" and lambda_ != 0 and is_grouped(p):
+        if prox == "l1":
+            z = l1_shrink(z, group_threshold(lr, lambda_, prox, 1))
+        else:
+            if group_size is None:
+                group_size = p.numel() // p.shape[group_dim(grouping)]
+            tau = group_threshold(lr, lambda_, prox, group_size)
+            if prox == "group":
+                z = group_shrink(z, tau, grouping, reduce=reduce)
+            else:
+                z = weighted_group_prox(z, d, tau, grouping, reduce=reduce)
+
+    p.copy_(z)
+    m.copy_(m32)
+    v.copy_(v32)
