@@ -5,8 +5,10 @@ The public surface: datasets (:func:`build_dataset` and the synthetic generators
 and runs (:class:`RunConfig`, :func:`train`, :func:`run_sweep`, :func:`write_report`).
 """
 
+from .compaction import compact_model, load_compact
 from .config import RunConfig
 from .data import build_dataset, make_synthetic_celeba, make_synthetic_nyu
+from .lomt import probe
 from .losses import EqualWeighting, UncertaintyWeighting, build_weighting
 from .metrics import delta_m
 from .models import MultiTaskModel, build_model
@@ -24,9 +26,12 @@ __all__ = [
     "build_dataset",
     "build_model",
     "build_weighting",
+    "compact_model",
     "delta_m",
+    "load_compact",
     "make_synthetic_celeba",
     "make_synthetic_nyu",
+    "probe",
     "resolve_tasks",
     "run_sweep",
     "train",
