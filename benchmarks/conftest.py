@@ -1,6 +1,8 @@
 """Configuration of the benchmark suite, read from the environment.
 
-* ``LOMT_BENCH_SMALL=1`` (or ``--benchmark-disable``): small param sets, for the CI smoke run.
+* Full-size sets only with ``--benchmark-only`` (``pytest benchmarks --benchmark-only``). Any
+  other run, such as the plain ``pytest`` of the test suite, takes the small sets and runs each
+  benchmark once as a correctness check (``LOMT_BENCH_SMALL=1`` forces small sets).
 * ``LOMT_BENCH_DEVICE``: ``cpu``, ``cuda`` or ``cpu,cuda`` (default: ``cuda`` when present, else
   ``cpu``).
 * ``LOMT_BENCH_SIZES``: the sweep sizes in millions of params (default ``1,4,16,64``).
@@ -20,8 +22,8 @@ from benchmarks.params import SWEEP_SIZES_M, build_set, set_names
 
 
 def small_mode(config: pytest.Config) -> bool:
-    return os.environ.get("LOMT_BENCH_SMALL", "0") not in ("", "0") or bool(
-        config.getoption("benchmark_disable", default=False)
+    return os.environ.get("LOMT_BENCH_SMALL", "0") not in ("", "0") or not config.getoption(
+        "benchmark_only", default=False
     )
 
 
@@ -49,6 +51,8 @@ def suite_sets(config: pytest.Config) -> list[str]:
 
 def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(threads())
+    if small_mode(config):
+        config.option.benchmark_disable = True  # one untimed call each: a check, not a measurement
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):  # noqa: ANN001

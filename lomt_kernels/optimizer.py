@@ -20,6 +20,7 @@ _GROUP_DEFAULTS: dict[str, Any] = {
     "decoupled_weight_decay": False,
     "maximize": False,
     "backend": "auto",
+    "capturable": False,
 }
 
 
@@ -87,11 +88,15 @@ class FusedGroupProxAdam(Optimizer):
         maximize: ascend instead of descend.
         backend: ``"torch"`` (reference), ``"cpu"`` (fused C++), ``"triton"``, ``"cuda"`` or
             ``"auto"`` (fastest available for the params' device).
+        capturable: keep the step counts on the params' device and read ``lr`` there (it may
+            be a tensor), so that ``step()`` makes no host sync and can be captured in a CUDA
+            graph. Triton backend only; take one ordinary step before capturing.
 
     The state dict has :class:`torch.optim.Adam`'s schema (``step``, ``exp_avg``,
     ``exp_avg_sq``), so checkpoints load in either direction. With
     :class:`torch.amp.GradScaler` the step unscales the gradients itself and is skipped when
-    the scaler found an inf or NaN.
+    the scaler found an inf or NaN. DTensor params (FSDP2's ``fully_shard``) are supported: see
+    :mod:`lomt_kernels.distributed`.
     """
 
     _step_supports_amp_scaling = True
@@ -110,12 +115,13 @@ class FusedGroupProxAdam(Optimizer):
         decoupled_weight_decay: bool = False,
         maximize: bool = False,
         backend: str = "auto",
+        capturable: bool = False,
     ) -> None:
         _check_hyperparameters(lr, betas, eps, weight_decay, lambda_, prox, grouping, backend)
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, lambda_=lambda_, prox=prox,
             grouping=grouping, decoupled_weight_decay=decoupled_weight_decay,
-            maximize=maximize, backend=backend,
+            maximize=maximize, backend=backend, capturable=capturable,
         )
         super().__init__(params, defaults)
 
@@ -134,8 +140,9 @@ class FusedGroupProxAdam(Optimizer):
                 group.setdefault(key, self.defaults.get(key, value))
             for p in group["params"]:
                 p_state = self.state.get(p, {})
-                if p_state and not torch.is_tensor(p_state["step"]):
-                    p_state["step"] = torch.tensor(float(p_state["step"]), dtype=torch.float32)
+                if p_state:
+                    step = torch.as_tensor(p_state["step"], dtype=torch.float32)
+                    p_state["step"] = step.to(p.device if group["capturable"] else "cpu")
 
     def _init_group(self, group: dict[str, Any]) -> tuple[list[Tensor], ...]:
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
@@ -149,7 +156,7 @@ class FusedGroupProxAdam(Optimizer):
                 )
             state = self.state[p]
             if not state:
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device if group["capturable"] else "cpu")
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             elif distributed.is_dtensor(p):
@@ -174,8 +181,11 @@ class FusedGroupProxAdam(Optimizer):
         # Set by torch.amp.GradScaler (see _step_supports_amp_scaling).
         grad_scale: Tensor | None = getattr(self, "grad_scale", None)
         found_inf: Tensor | None = getattr(self, "found_inf", None)
-        if found_inf is not None and bool(found_inf):
-            return loss
+        if found_inf is not None:
+            if any(group["capturable"] for group in self.param_groups):
+                raise RuntimeError("capturable=True cannot skip inf steps without a host sync; use GradScaler without it")
+            if bool(found_inf):
+                return loss
 
         for group in self.param_groups:
             params, grads, exp_avgs, exp_avg_sqs, steps = self._init_group(group)
@@ -183,8 +193,9 @@ class FusedGroupProxAdam(Optimizer):
                 continue
             beta1, beta2 = group["betas"]
             torch._foreach_add_(steps, 1)
+            capturable = group["capturable"]
             hyper = dict(
-                lr=float(group["lr"]),
+                lr=group["lr"] if capturable else float(group["lr"]),
                 beta1=beta1,
                 beta2=beta2,
                 eps=group["eps"],
@@ -203,11 +214,14 @@ class FusedGroupProxAdam(Optimizer):
                 else:
                     by_device.setdefault(p.device, []).append(i)
             for device, idx in by_device.items():
-                _, step_fn = backends.resolve(group["backend"], device)
+                name, step_fn = backends.resolve(group["backend"], device)
+                if capturable and name != "triton":
+                    raise RuntimeError(f"capturable=True needs the triton backend; this group resolved to {name!r}")
                 step_fn(
                     *([tensors[i] for i in idx] for tensors in (params, grads, exp_avgs, exp_avg_sqs, steps)),
                     **hyper,
                     grad_scale=None if grad_scale is None else grad_scale.to(device),
+                    **({"capturable": True} if capturable else {}),
                 )
             if sharded:
                 # DTensor params (FSDP2, tensor parallel): local shards, with cross-rank group norms.

@@ -1,6 +1,6 @@
 """The benchmark suite's param sets and baselines, checked cheaply so the suite cannot rot.
 
-The timed suite itself runs in CI as ``LOMT_BENCH_SMALL=1 pytest benchmarks --benchmark-disable``.
+The suite itself runs in CI in its small mode, as part of the plain ``pytest``.
 """
 
 import math

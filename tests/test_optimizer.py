@@ -299,3 +299,11 @@ def test_grad_scaler_unscales_and_skips_inf_steps():
         assert torch.equal(value, before[key]), key
     assert [s["step"].item() for s in scaled_opt.state.values()] == steps_before
     assert scaler.get_scale() == 512.0
+
+
+def test_capturable_needs_the_triton_backend():
+    layer = nn.Linear(2, 2)
+    layer(torch.randn(1, 2)).sum().backward()
+    opt = FusedGroupProxAdam(layer.parameters(), backend="torch", capturable=True)
+    with pytest.raises(RuntimeError, match="capturable=True needs the triton backend"):
+        opt.step()

@@ -1,0 +1,150 @@
+"""The ``"cuda"`` backend: the fused proximal Adam step as a CUDA C++ extension.
+
+The kernels are in ``csrc/group_prox_adam_cuda.cu`` (its header comment gives the tile design
+and the bytes moved); this module prepares the tensors (:mod:`~lomt_kernels.kernels.prepare`),
+computes the bias corrections in float64 and calls the extension, which
+:func:`~lomt_kernels.kernels._extension.load_extension` builds on first use (about two minutes;
+later processes load the cached build). Same maths and float32 arithmetic as the ``"triton"``
+backend; one launch per tensor (two or three for groups too big for shared memory).
+
+Compile without a GPU (a CI check)::
+
+    python -m lomt_kernels.kernels.cuda --compile-only
+
+``TORCH_CUDA_ARCH_LIST`` (numbers such as ``"8.0;9.0+PTX"``) picks the GPU architectures,
+:data:`DEFAULT_ARCH_LIST` when unset. They are passed to nvcc as explicit ``-gencode`` flags, so
+no device is queried and a different list builds a different cached library.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from ._extension import ExtensionUnavailable, load_extension
+from .prepare import float64_on_reference, work_tensors, write_back
+
+EXTENSION_NAME = "group_prox_adam_cuda"
+SOURCES = ("group_prox_adam_cuda.cu", "group_prox_adam_cuda_bindings.cpp")
+#: Architectures built when ``TORCH_CUDA_ARCH_LIST`` is unset: A100 and H100 class GPUs.
+DEFAULT_ARCH_LIST = "8.0;9.0"
+
+# The prox codes of csrc/group_prox_adam_cuda.cu.
+_PROX_CODE = {"none": 0, "group": 1, "group_weighted": 2, "l1": 3}
+
+
+def arch_flags() -> list[str]:
+    """nvcc ``-gencode`` flags for ``TORCH_CUDA_ARCH_LIST`` (or :data:`DEFAULT_ARCH_LIST`)."""
+    flags = []
+    for arch in (os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCH_LIST).replace(" ", ";").split(";"):
+        if arch:
+            number = arch.removesuffix("+PTX").replace(".", "")
+            flags.append(f"-gencode=arch=compute_{number},code=sm_{number}")
+            if arch.endswith("+PTX"):
+                flags.append(f"-gencode=arch=compute_{number},code=compute_{number}")
+    return flags
+
+
+def build() -> ModuleType:
+    """Build (first use) and load the extension; needs ``nvcc``, not a GPU.
+
+    Raises :class:`~lomt_kernels.kernels._extension.ExtensionUnavailable` with the reason.
+    """
+    from torch.utils import cpp_extension
+
+    home = cpp_extension.CUDA_HOME
+    if home is None:
+        raise ExtensionUnavailable("nvcc was not found to build the CUDA extension (set CUDA_HOME)")
+    if not (Path(home) / "include" / "cuda_runtime_api.h").exists():
+        # e.g. /usr/local, when the `nvcc` on the PATH is a wrapper script in /usr/local/bin
+        raise ExtensionUnavailable(
+            f"CUDA_HOME={home} has no include/cuda_runtime_api.h: set CUDA_HOME to the CUDA toolkit "
+            f"(e.g. /usr/local/cuda)"
+        )
+    module = load_extension(
+        EXTENSION_NAME, SOURCES, extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-lineinfo", *arch_flags()],
+        python_module=True,
+    )
+    assert isinstance(module, ModuleType)
+    return module
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """``None`` if the extension can step params on ``device`` (building it on first call)."""
+    if device.type != "cuda":
+        return f"params are on {device.type}; the cuda backend steps CUDA tensors only"
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    try:
+        build()
+    except ExtensionUnavailable as exc:
+        return str(exc)
+    return None
+
+
+def group_prox_adam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    maximize: bool,
+    lambda_: float,
+    prox: str,
+    grouping: str,
+    grad_scale: Tensor | None = None,
+) -> None:
+    """One proximal Adam step, in place, with the CUDA extension (the ``"cuda"`` backend).
+
+    Same signature and semantics as :func:`lomt_kernels.reference.group_prox_adam`. Grads of
+    another dtype than their param are cast to it; float64 params take the reference path.
+    """
+    lr = float(lr)
+    float64_on_reference(
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+        weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
+        lambda_=lambda_, prox=prox, grouping=grouping, grad_scale=grad_scale,
+    )
+    works = work_tensors(
+        params, grads, exp_avgs, exp_avg_sqs, prox=prox, lambda_=lambda_, grouping=grouping,
+        grads_in_param_dtype=True,
+    )
+    if not works:
+        return
+    steps = [float(state_steps[i]) for i in works]
+    build().group_prox_adam(
+        [w.p for w in works.values()],
+        [w.g for w in works.values()],
+        [w.m for w in works.values()],
+        [w.v for w in works.values()],
+        [size for w in works.values() for size in w.layout],
+        [_PROX_CODE[w.prox] for w in works.values()],
+        [lr / (1 - beta1**step) for step in steps],
+        [math.sqrt(1 - beta2**step) for step in steps],
+        lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize, lambda_,
+        None if grad_scale is None else grad_scale.to(torch.float32),
+    )
+    write_back(params, exp_avgs, exp_avg_sqs, works)
+
+
+if __name__ == "__main__":
+    import argparse
+    import time
+
+    parser = argparse.ArgumentParser(description="Build the lomt CUDA extension (no GPU needed).")
+    parser.add_argument("--compile-only", action="store_true", required=True)
+    parser.parse_args()
+    start = time.perf_counter()
+    print(f"built {build().__file__} in {time.perf_counter() - start:.0f} s")

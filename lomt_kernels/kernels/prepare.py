@@ -1,0 +1,96 @@
+"""What every fused backend does before and after its kernel: pick each tensor's prox and
+memory layout, make dense copies where the strides have no layout, and copy results back."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ..grouping import GroupLayout, group_layout, is_grouped
+
+#: The dtypes the float32-arithmetic kernels take.
+HALF_AND_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def is_dense(t: Tensor) -> bool:
+    """Whether ``t``'s storage is exactly its ``numel`` elements (any dimension order)."""
+    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+
+
+class WorkTensors(NamedTuple):
+    """What a kernel works on for one param: ``p, g, m, v`` in one dense layout, the layout,
+    and the prox this tensor takes."""
+
+    p: Tensor
+    g: Tensor
+    m: Tensor
+    v: Tensor
+    layout: GroupLayout
+    prox: str
+
+
+def work_tensors(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], *,
+    prox: str, lambda_: float, grouping: str, grads_in_param_dtype: bool = False,
+    dtypes: tuple[torch.dtype, ...] = HALF_AND_FLOAT,
+) -> dict[int, WorkTensors]:
+    """:class:`WorkTensors` for every non-empty param of one of ``dtypes``, by index.
+
+    A tensor's prox is ``"none"`` when ``lambda_ == 0`` or it has fewer than two dims. Group
+    proxes need a :func:`~lomt_kernels.grouping.group_layout` (``[A, B, K]``); ``none`` and
+    ``l1`` are elementwise and need dense storage (``[1, 1, numel]``). A tensor without one is
+    replaced by a contiguous copy; ``g``, ``m`` and ``v`` are copied unless they share ``p``'s
+    strides, which they normally do (``m`` and ``v`` are created with ``preserve_format``,
+    autograd matches grads to their param). :func:`write_back` copies results back.
+    Params of other float dtypes are left out (float64 goes to :func:`float64_on_reference`
+    for kernels that only compute in float32).
+    """
+    works = {}
+    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        if p.numel() == 0 or (p.dtype == torch.float64 and torch.float64 not in dtypes):
+            continue
+        if p.dtype not in dtypes or m.dtype != p.dtype or v.dtype != p.dtype:
+            raise TypeError(
+                f"the fused kernels take {', '.join(map(str, dtypes))} params with exp_avg and "
+                f"exp_avg_sq of the param's dtype; got {p.dtype}, {m.dtype} and {v.dtype}"
+            )
+        tensor_prox = prox if prox != "none" and lambda_ != 0 and is_grouped(p) else "none"
+        grouped = tensor_prox in ("group", "group_weighted")
+        layout = group_layout(p, grouping) if grouped else GroupLayout(1, 1, p.numel()) if is_dense(p) else None
+        if layout is None:
+            p = p.contiguous()
+            layout = group_layout(p, grouping) if grouped else GroupLayout(1, 1, p.numel())
+
+        def like_p(t: Tensor, dtype: torch.dtype) -> Tensor:
+            if t.stride() == p.stride() and t.dtype == dtype:
+                return t
+            return torch.empty_like(p, dtype=dtype).copy_(t)
+
+        g = like_p(g, p.dtype if grads_in_param_dtype else g.dtype)
+        works[i] = WorkTensors(p, g, like_p(m, m.dtype), like_p(v, v.dtype), layout, tensor_prox)
+    return works
+
+
+def write_back(params: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+               works: dict[int, WorkTensors]) -> None:
+    """Copy the results of the tensors :func:`work_tensors` had to copy back into place."""
+    for i, work in works.items():
+        for target, result in ((params[i], work.p), (exp_avgs[i], work.m), (exp_avg_sqs[i], work.v)):
+            if result is not target:
+                target.copy_(result)
+
+
+def float64_on_reference(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor], **kwargs: object,
+) -> None:
+    """The step of the float64 params, on :func:`lomt_kernels.reference.group_prox_adam` (the
+    kernels compute in float32, which would lose their precision)."""
+    wide = [i for i, p in enumerate(params) if p.dtype == torch.float64 and p.numel() > 0]
+    if wide:
+        reference.group_prox_adam(
+            *([ts[i] for i in wide] for ts in (params, grads, exp_avgs, exp_avg_sqs, state_steps)), **kwargs
+        )

@@ -1,0 +1,84 @@
+"""The ``"cuda"`` backend: it compiles without a GPU, and with one it matches the reference.
+
+The GPU tests use the step-by-step float64 comparison of ``test_kernels_triton.py`` (its module
+docstring states and justifies the tolerances, which hold for both backends: the same float32
+operations in the same order, the same Newton stopping rule).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils import cpp_extension
+
+from lomt_kernels.kernels import cuda as cuda_backend
+from test_kernels_triton import (
+    GROUPINGS, OPTIONS, PROXES, SHAPES, State, assert_some_groups_zero_and_some_not, hyper, run_options, run_steps,
+)
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICE = torch.device("cuda")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(cpp_extension.CUDA_HOME is None, reason="needs nvcc (the CUDA toolkit)")
+def test_cuda_extension_compiles(tmp_path):
+    """A from-scratch build for sm_80 and sm_90 in an empty extension cache (about two minutes)."""
+    env = dict(
+        os.environ, TORCH_CUDA_ARCH_LIST=cuda_backend.DEFAULT_ARCH_LIST, TORCH_EXTENSIONS_DIR=str(tmp_path)
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "lomt_kernels.kernels.cuda", "--compile-only"],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    assert "compiling" in result.stderr and "built" in result.stdout
+
+
+def test_arch_flags(monkeypatch):
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0a+PTX")
+    assert cuda_backend.arch_flags() == [
+        "-gencode=arch=compute_80,code=sm_80",
+        "-gencode=arch=compute_90a,code=sm_90a",
+        "-gencode=arch=compute_90a,code=compute_90a",
+    ]
+
+
+def test_unavailable_without_a_cuda_device():
+    assert "CUDA tensors only" in cuda_backend.unavailable_reason(torch.device("cpu"))
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("grouping", GROUPINGS)
+@pytest.mark.parametrize("prox", PROXES)
+def test_parity_with_reference(prox, grouping, dtype):
+    state = State(list(SHAPES), grouping, dtype, DEVICE)
+    masks = run_steps(cuda_backend.group_prox_adam, state, **hyper(prox, grouping))
+    if prox in ("group", "group_weighted"):
+        assert_some_groups_zero_and_some_not(masks)
+
+
+@cuda_only
+@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
+@pytest.mark.parametrize("prox", ["group", "group_weighted"])
+def test_options(prox, options):
+    run_options(cuda_backend.group_prox_adam, prox, options, DEVICE)
+
+
+@cuda_only
+@pytest.mark.parametrize("prox", ["group", "group_weighted"])
+def test_two_phase_at_real_sizes(prox):
+    """Groups too big for shared memory: a tall Linear grouped by input (strided, K = 1), a
+    wide one grouped by output (contiguous rows longer than a chunk), and next to them a
+    tensor whose small groups take the one-pass path in the same call. float32 only: for
+    16-bit params the two phases round z to the param dtype in between (one more rounding
+    than the module's one-ulp tolerance allows for)."""
+    for grouping, shape in (("in_channel", (20000, 24)), ("out_channel", (12, 20000))):
+        state = State([(shape, "contiguous"), "conv3x3"], grouping, torch.float32, DEVICE)
+        masks = run_steps(cuda_backend.group_prox_adam, state, **hyper(prox, grouping))
+        assert_some_groups_zero_and_some_not(masks)
