@@ -1,0 +1,673 @@
+// lomt::group_prox_adam_cpu: the proximal Adam step fused per tensor, on CPU tensors.
+//
+// The maths is lomt_kernels.reference.group_prox_adam's. Per element, in the compute type T
+// (float for float32/float16/bfloat16 storage, double for float64), with s = lr / (1 - beta1^t)
+// and c = sqrt(1 - beta2^t):
+//
+//   g <- g / grad_scale, negated for maximize;  g <- g + wd p (coupled)  or  p <- p (1 - lr wd)
+//   m <- lerp(m, g, 1 - beta1),  v <- beta2 v + ((1 - beta2) g) g,  d = sqrt(v)/c + eps,
+//   z = p - s m / d
+//
+// and then each tensor's prox (chosen by the Python side, which also supplies the layout):
+//
+//   "none":            p = z
+//   "l1":              p = sign(z) max(|z| - lr lambda, 0)
+//   "group":           p_G = max(0, 1 - tau/||z_G||) z_G
+//   "group_weighted":  p_G = argmin_x 1/2 ||x - z_G||^2_D + tau ||x||, D = diag(d_G): zero iff
+//                      ||D z_G|| <= tau, else x_j = theta z_j d_j / (theta d_j + tau) with theta
+//                      the root of phi(theta) = (sum_j (z_j d_j / (theta d_j + tau))^2)^(-1/2) = 1,
+//                      found by Newton's method from 0, clamped to [0, ||z_G||], stopped when
+//                      1 - phi <= rtol (1e-6 in float, 1e-12 in double) or after 30 updates.
+//
+// with tau = lr lambda sqrt(n_G). A tensor's storage is read as a dense [A, B, K] array whose
+// group b is [:, b, :] (lomt_kernels.grouping.GroupLayout), so n_G = A K.
+//
+// Memory order. A CPU streams memory in address order at several times the rate it reads a
+// strided pattern (measured here on Zen 4: runs of 1-9 KiB at a fixed stride reach 35-60% of
+// the sequential bandwidth, with or without software prefetch), and a 2-core Adam step is
+// bound by its arithmetic (a sqrt and two divisions per element), not by bandwidth. So every
+// pass walks storage in address order, and a group prox is a few sequential passes:
+//
+// * In-channel groups (A > 1) are strided: group b is a run of K elements in every row. Pass 1
+//   is the Adam update over whole rows, writing z and adding each lane's z^2 into per-lane sums
+//   of one row's length, reduced over each group's K lanes at the end. Pass 2 rescales z in
+//   place. Pass 2 re-reads z (from L2 for small tensors, else from memory): 36 bytes per float32
+//   param against Adam's 28, at little extra arithmetic.
+// * Out-channel groups (A = 1) are contiguous: the tensor is cut into tiles of whole groups
+//   small enough that z is still in L2 for pass 2, so memory sees Adam's 28 bytes.
+// * The weighted prox keeps z and d in a scratch buffer from pass 1, which also gives the sums
+//   at theta = 0. Each later pass evaluates the Newton sums at every unconverged group's theta
+//   and, from the same division, writes x(theta) into p; a group whose check then passes
+//   already has its final value in p, so the passes are one per Newton update (mostly 3).
+//
+// Work items are tiles, whole tensors and chunks of elementwise tensors, largest first,
+// handed to the at::parallel_for threads from a shared counter. A tensor larger than a
+// thread's share is instead processed by all threads at once, each pass split into row bands
+// whose group sums are added up between passes.
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cmath>
+#include <numeric>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <vector>
+
+namespace lomt {
+namespace {
+
+using at::vec::Vectorized;
+
+// Out-channel tiles hold about this many elements: z (256 KiB in float) stays in L2 for pass 2.
+constexpr int64_t kTileElements = 1 << 16;
+// Elementwise tensors (plain Adam, l1) are cut into chunks of this many elements.
+constexpr int64_t kChunkElements = 1 << 15;
+// Row bands of a tensor processed by all threads hold about this many elements.
+constexpr int64_t kBandElements = 1 << 16;
+// Groups with at least this many contiguous elements (K) are summed segment by segment;
+// shorter ones through per-lane partial sums.
+constexpr int64_t kSegmentMinLength = 64;
+// Newton updates allowed per group (lomt_kernels.reference.WEIGHTED_PROX_MAX_ITER).
+constexpr int kNewtonMaxIter = 30;
+
+enum class Prox { kNone, kGroup, kWeighted, kL1 };
+
+Prox parse_prox(std::string_view name) {
+  if (name == "none") return Prox::kNone;
+  if (name == "group") return Prox::kGroup;
+  if (name == "group_weighted") return Prox::kWeighted;
+  if (name == "l1") return Prox::kL1;
+  TORCH_CHECK(false, "group_prox_adam_cpu: unknown prox '", name,
+              "': expected none, group, group_weighted or l1");
+}
+
+// Hyperparameters shared by every tensor of the call, in double as the Python side has them.
+struct Hyper {
+  double lr, beta1, beta2, eps, weight_decay;
+  bool decoupled_weight_decay;
+  double grad_divisor;  // grad_scale, negated for maximize (division by -1 is exact negation)
+  bool divide_grad;     // grad_scale given or maximize
+};
+
+// One tensor's step: its storage, [A, B, K] layout, prox and step-dependent scalars.
+struct TensorStep {
+  void* p;
+  const void* g;
+  void* m;
+  void* v;
+  at::ScalarType dtype;
+  int64_t numel, A, B, K;
+  Prox prox;
+  double step_size;  // lr / (1 - beta1^t)
+  double bc2_sqrt;   // sqrt(1 - beta2^t)
+  double threshold;  // tau = lr lambda sqrt(A K) for group proxes, lr lambda for l1
+};
+
+// A unit of parallel work: groups [begin, end) of a grouped tensor (all of them when A > 1),
+// or elements [begin, end) of an elementwise one.
+struct WorkItem {
+  int64_t tensor, begin, end;
+  int64_t size() const { return end - begin; }
+};
+
+// --- loads and stores in the compute type -----------------------------------------------
+
+template <typename T, typename S>
+inline Vectorized<T> load(const S* ptr, int64_t count) {
+  if constexpr (std::is_same_v<S, T>) {
+    return Vectorized<T>::loadu(ptr, count);
+  } else {
+    __at_align__ T buf[Vectorized<T>::size()];
+    for (int64_t i = 0; i < count; ++i) buf[i] = static_cast<T>(ptr[i]);
+    for (int64_t i = count; i < Vectorized<T>::size(); ++i) buf[i] = T(0);
+    return Vectorized<T>::loadu(buf);
+  }
+}
+
+template <typename T, typename S>
+inline void store(S* ptr, const Vectorized<T>& x, int64_t count) {
+  if constexpr (std::is_same_v<S, T>) {
+    x.store(ptr, count);
+  } else {
+    __at_align__ T buf[Vectorized<T>::size()];
+    x.store(buf);
+    for (int64_t i = 0; i < count; ++i) ptr[i] = static_cast<S>(buf[i]);  // round to nearest even
+  }
+}
+
+// Calls f(i, count) over [begin, end) a vector at a time: full vectors (count a constant the
+// compiler folds into f), then one partial vector.
+template <typename T, class F>
+inline void for_vectors(int64_t begin, int64_t end, F&& f) {
+  constexpr int64_t kVec = Vectorized<T>::size();
+  int64_t i = begin;
+  for (; i + kVec <= end; i += kVec) f(i, kVec);
+  if (i < end) f(i, end - i);
+}
+
+// --- the Adam update --------------------------------------------------------------------
+
+// The per-tensor constants of the Adam update, broadcast to vectors of the compute type.
+template <typename T>
+struct AdamConstants {
+  using Vec = Vectorized<T>;
+  Vec grad_divisor, wd, decay, lerp_weight, one_minus_lerp_weight, beta2, one_minus_beta2;
+  Vec inv_bc2_sqrt, eps, step_size;
+  bool divide_grad, coupled_decay, decoupled_decay, lerp_from_start;
+
+  AdamConstants(const Hyper& h, const TensorStep& t)
+      : grad_divisor(T(h.grad_divisor)),
+        wd(T(h.weight_decay)),
+        decay(T(1 - h.lr * h.weight_decay)),
+        lerp_weight(T(1 - h.beta1)),
+        one_minus_lerp_weight(T(1) - T(1 - h.beta1)),
+        beta2(T(h.beta2)),
+        one_minus_beta2(T(1 - h.beta2)),
+        // A multiplication where the reference divides by sqrt(1 - beta2^t): d moves by at most
+        // an ulp, and the sqrt and the division by d are already the step's bottleneck.
+        inv_bc2_sqrt(T(1 / t.bc2_sqrt)),
+        eps(T(h.eps)),
+        step_size(T(t.step_size)),
+        divide_grad(h.divide_grad),
+        coupled_decay(h.weight_decay != 0 && !h.decoupled_weight_decay),
+        decoupled_decay(h.weight_decay != 0 && h.decoupled_weight_decay),
+        // torch.lerp's two formulas, chosen by the weight as at::lerp does.
+        lerp_from_start(std::abs(T(1 - h.beta1)) < T(0.5)) {}
+};
+
+template <typename T>
+struct AdamResult {
+  Vectorized<T> z, d;
+};
+
+// Updates m and v for `count` elements and returns z = p - s m / d and d; p is not written.
+template <typename T, typename S>
+inline AdamResult<T> adam(const AdamConstants<T>& c, const S* p, const S* g, S* m, S* v,
+                          int64_t count) {
+  auto x = load<T>(p, count);
+  auto grad = load<T>(g, count);
+  auto exp_avg = load<T>(m, count);
+  auto exp_avg_sq = load<T>(v, count);
+  if (c.divide_grad) grad = grad / c.grad_divisor;
+  if (c.decoupled_decay) x = x * c.decay;
+  if (c.coupled_decay) grad = grad + c.wd * x;
+  exp_avg = c.lerp_from_start ? exp_avg + c.lerp_weight * (grad - exp_avg)
+                              : grad - (grad - exp_avg) * c.one_minus_lerp_weight;
+  exp_avg_sq = exp_avg_sq * c.beta2 + (c.one_minus_beta2 * grad) * grad;
+  store(m, exp_avg, count);
+  store(v, exp_avg_sq, count);
+  auto d = exp_avg_sq.sqrt() * c.inv_bc2_sqrt + c.eps;
+  return {x - c.step_size * exp_avg / d, d};
+}
+
+// sign(z) max(|z| - t, 0), NaN-propagating as the reference.
+template <typename T>
+inline Vectorized<T> soft_threshold(const Vectorized<T>& z, const Vectorized<T>& t) {
+  const Vectorized<T> sign_bit(T(-0.0));
+  auto shrunk = at::vec::maximum(z.abs() - t, Vectorized<T>(T(0)));
+  return shrunk | (z & sign_bit);
+}
+
+// --- thread-local scratch ---------------------------------------------------------------
+
+// Buffers a thread reuses from call to call; they only grow.
+template <typename T>
+struct Scratch {
+  std::vector<T> z;      // z of the tile, when it cannot live in p
+  std::vector<T> d;      // Adam denominators of the tile (weighted prox)
+  std::vector<T> lanes;  // per-lane partial sums, then per-lane theta or scale
+
+  static Scratch& get() {
+    thread_local Scratch scratch;
+    return scratch;
+  }
+};
+
+template <typename T>
+T* sized(std::vector<T>& buf, int64_t n) {
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
+  return buf.data();
+}
+
+// --- a block of a grouped tensor ---------------------------------------------------------
+
+// Rows [a0, a1) of the groups [b0, b1) of one tensor. Lane j in [0, L), L = (b1 - b0) K, of
+// row a is the storage element a B K + b0 K + j and belongs to the block's group j / K. The
+// block's z and d scratch (when used) hold lane j of row a at a L + j.
+template <typename S>
+class Block {
+ public:
+  using T = at::opmath_type<S>;
+  using Vec = Vectorized<T>;
+  static constexpr int64_t kVec = Vec::size();
+
+  Block(const TensorStep& t, int64_t a0, int64_t a1, int64_t b0, int64_t b1)
+      : a0_(a0), a1_(a1), K_(t.K), nb_(b1 - b0), L_(nb_ * t.K), row_stride_(t.B * t.K),
+        offset_(b0 * t.K), segments_(t.K >= kSegmentMinLength), p_(static_cast<S*>(t.p)),
+        g_(static_cast<const S*>(t.g)), m_(static_cast<S*>(t.m)), v_(static_cast<S*>(t.v)) {}
+
+  int64_t lanes() const { return L_; }
+  int64_t groups() const { return nb_; }
+  S* p(int64_t a, int64_t j) const { return p_ + a * row_stride_ + offset_ + j; }
+  const S* g(int64_t a, int64_t j) const { return g_ + a * row_stride_ + offset_ + j; }
+  S* m(int64_t a, int64_t j) const { return m_ + a * row_stride_ + offset_ + j; }
+  S* v(int64_t a, int64_t j) const { return v_ + a * row_stride_ + offset_ + j; }
+  int64_t scratch(int64_t a, int64_t j) const { return a * L_ + j; }
+
+  // Calls f(a, j, count) -> std::array<Vec, N> for every vector of lanes [g_lo K, g_hi K) of
+  // every row, and sets sums[i][b] (b in [g_lo, g_hi)) to the sum over the rows and over the
+  // K lanes of group b of the i-th returned vector. Lanes past `count` in f's results are
+  // ignored. `lanes` is scratch for N L values.
+  template <int N, class F>
+  void reduce(int64_t g_lo, int64_t g_hi, T* lanes, const std::array<T*, N>& sums, F&& f) const {
+    if (segments_) {
+      for (int i = 0; i < N; ++i) std::fill(sums[i] + g_lo, sums[i] + g_hi, T(0));
+      for (int64_t a = a0_; a < a1_; ++a) {
+        for (int64_t b = g_lo; b < g_hi; ++b) {
+          std::array<Vec, N> acc;
+          acc.fill(Vec(T(0)));
+          for_vectors<T>(b * K_, (b + 1) * K_, [&](int64_t j, int64_t count) {
+            auto terms = f(a, j, count);
+            for (int i = 0; i < N; ++i) {
+              acc[i] = acc[i] + (count == kVec ? terms[i] : Vec::set(Vec(T(0)), terms[i], count));
+            }
+          });
+          for (int i = 0; i < N; ++i) {
+            sums[i][b] += at::vec::vec_reduce_all<T>([](Vec x, Vec y) { return x + y; }, acc[i]);
+          }
+        }
+      }
+      return;
+    }
+    const int64_t j_lo = g_lo * K_, j_hi = g_hi * K_;
+    for (int i = 0; i < N; ++i) std::fill(lanes + i * L_ + j_lo, lanes + i * L_ + j_hi, T(0));
+    for (int64_t a = a0_; a < a1_; ++a) {
+      for_vectors<T>(j_lo, j_hi, [&](int64_t j, int64_t count) {
+        auto terms = f(a, j, count);
+        for (int i = 0; i < N; ++i) {
+          T* acc = lanes + i * L_ + j;
+          (Vec::loadu(acc, count) + terms[i]).store(acc, count);
+        }
+      });
+    }
+    for (int i = 0; i < N; ++i) {
+      for (int64_t b = g_lo; b < g_hi; ++b) {
+        const T* acc = lanes + i * L_ + b * K_;
+        sums[i][b] = std::accumulate(acc, acc + K_, T(0));
+      }
+    }
+  }
+
+  // Calls f(a, j, count) for every vector of lanes [0, L) of every row, in address order.
+  template <class F>
+  void for_each(F&& f) const {
+    for (int64_t a = a0_; a < a1_; ++a) for_vectors<T>(0, L_, [&](int64_t j, int64_t n) { f(a, j, n); });
+  }
+
+  // lanes[j] = per_group[j / K] for j in [g_lo K, g_hi K).
+  void expand(const T* per_group, int64_t g_lo, int64_t g_hi, T* lanes) const {
+    for (int64_t b = g_lo; b < g_hi; ++b) std::fill(lanes + b * K_, lanes + (b + 1) * K_, per_group[b]);
+  }
+
+ private:
+  int64_t a0_, a1_, K_, nb_, L_, row_stride_, offset_;
+  bool segments_;
+  S* p_;
+  const S* g_;
+  S* m_;
+  S* v_;
+};
+
+// --- the group proxes ---------------------------------------------------------------------
+
+// Runs the passes of one tensor's group prox over the groups [b0, b1), all rows: by the
+// calling thread alone (bands == 1), or split into row bands run by all threads, each pass's
+// group sums added up over the bands before the per-group step that follows.
+template <typename S>
+class GroupProx {
+ public:
+  using T = at::opmath_type<S>;
+  using Vec = Vectorized<T>;
+
+  GroupProx(const Hyper& h, const TensorStep& t, int64_t b0, int64_t b1, int64_t bands)
+      : t_(t), c_(h, t), tau_(static_cast<T>(t.threshold)), nb_(b1 - b0),
+        lanes_(Block<S>(t, 0, t.A, b0, b1).lanes()) {
+    const int64_t rows_per_band = (t.A + bands - 1) / bands;
+    for (int64_t a = 0; a < t.A; a += rows_per_band) {
+      blocks_.emplace_back(t, a, std::min(t.A, a + rows_per_band), b0, b0 + nb_);
+    }
+    groups_.resize(6 * nb_);
+  }
+
+  void group() {
+    // z lives in p when p stores the compute type, else in scratch.
+    T* z = std::is_same_v<S, T> ? nullptr : sized(owner_scratch().z, t_.A * lanes_);
+    auto z_at = [&](const Block<S>& blk, int64_t a, int64_t j) -> T* {
+      if constexpr (std::is_same_v<S, T>) {
+        return blk.p(a, j);
+      } else {
+        return z + blk.scratch(a, j);
+      }
+    };
+    T* sum_sq = groups_.data();
+    over_rows<1>(0, nb_, {sum_sq}, [&](const Block<S>& blk, T* lanes, std::array<T*, 1> sums) {
+      blk.template reduce<1>(0, nb_, lanes, sums, [&](int64_t a, int64_t j, int64_t count) {
+        auto [zv, d] = adam(c_, blk.p(a, j), blk.g(a, j), blk.m(a, j), blk.v(a, j), count);
+        store(z_at(blk, a, j), zv, count);
+        return std::array<Vec, 1>{zv * zv};
+      });
+    });
+    T* scale = groups_.data() + nb_;
+    for (int64_t b = 0; b < nb_; ++b) {
+      const T norm = std::sqrt(sum_sq[b]);
+      scale[b] = norm > tau_ ? T(1) - tau_ / norm : T(0);
+    }
+    over_rows<0>(0, 0, {}, [&](const Block<S>& blk, T* lanes, std::array<T*, 0>) {
+      blk.expand(scale, 0, nb_, lanes);
+      blk.for_each([&](int64_t a, int64_t j, int64_t count) {
+        store(blk.p(a, j), Vec::loadu(z_at(blk, a, j), count) * Vec::loadu(lanes + j, count), count);
+      });
+    });
+  }
+
+  void weighted() {
+    auto& scratch = owner_scratch();
+    T* z = sized(scratch.z, t_.A * lanes_);
+    T* d = sized(scratch.d, t_.A * lanes_);
+    T* sum_z2 = groups_.data();  // ||z||^2, then the bound ||z||
+    T* s1 = sum_z2 + nb_;        // sum q^2,    q_j = z_j r_j
+    T* s2 = s1 + nb_;            // sum q^2 r,  r_j = d_j / (theta d_j + tau)
+    T* theta = s2 + nb_;
+    T* in_flight = theta + nb_;  // 1 for a group whose theta was just updated, else 0
+
+    // Pass 1: Adam, z and d into scratch, and the sums at theta = 0: ||z||^2, ||D z||^2 and
+    // sum (d z)^2 d (so s1 = ||D z||^2 / tau^2 and s2 = sum (d z)^2 d / tau^3).
+    over_rows<3>(0, nb_, {sum_z2, s1, s2}, [&](const Block<S>& blk, T* lanes, std::array<T*, 3> sums) {
+      blk.template reduce<3>(0, nb_, lanes, sums, [&](int64_t a, int64_t j, int64_t count) {
+        auto [zv, dv] = adam(c_, blk.p(a, j), blk.g(a, j), blk.m(a, j), blk.v(a, j), count);
+        zv.store(z + blk.scratch(a, j), count);
+        dv.store(d + blk.scratch(a, j), count);
+        auto dz = dv * zv;
+        auto dz2 = dz * dz;
+        return std::array<Vec, 3>{zv * zv, dz2, dz2 * dv};
+      });
+    });
+    const T tau2 = tau_ * tau_;
+    for (int64_t b = 0; b < nb_; ++b) {
+      theta[b] = T(0);
+      in_flight[b] = std::sqrt(s1[b]) > tau_ ? T(1) : T(0);  // active iff ||D z|| > tau
+      sum_z2[b] = std::sqrt(sum_z2[b]);
+      s1[b] /= tau2;
+      s2[b] /= tau2 * tau_;
+    }
+
+    // Newton on phi(theta) = 1. Pass u writes x(theta_u) of every group in [g_lo, g_hi) into p
+    // (x = 0 for the groups left at theta = 0) and sums the terms of phi at theta_u, which the
+    // check after it needs; a group that passes keeps the x just written.
+    int64_t g_lo = 0, g_hi = nb_;  // the first pass writes every group
+    int64_t moved = newton_step(s1, s2, sum_z2, theta, in_flight);
+    for (int update = 1;; ++update) {
+      over_rows<2>(g_lo, g_hi, {s1, s2}, [&](const Block<S>& blk, T* lanes, std::array<T*, 2> sums) {
+        T* theta_lanes = lanes + 2 * blk.lanes();
+        blk.expand(theta, g_lo, g_hi, theta_lanes);
+        blk.template reduce<2>(g_lo, g_hi, lanes, sums, [&](int64_t a, int64_t j, int64_t count) {
+          auto zv = Vec::loadu(z + blk.scratch(a, j), count);
+          auto dv = Vec::loadu(d + blk.scratch(a, j), count);
+          auto th = Vec::loadu(theta_lanes + j, count);
+          auto r = dv / at::vec::fmadd(th, dv, Vec(tau_));
+          auto q = zv * r;
+          store(blk.p(a, j), th * q, count);
+          auto q2 = q * q;
+          return std::array<Vec, 2>{q2, q2 * r};
+        });
+      });
+      // Done when no group moved, or after the last update allowed (its theta is final).
+      if (moved == 0 || update == kNewtonMaxIter) break;
+      moved = newton_step(s1, s2, sum_z2, theta, in_flight);
+      if (moved == 0) break;
+      g_lo = 0;
+      while (in_flight[g_lo] == 0) ++g_lo;
+      g_hi = nb_;
+      while (in_flight[g_hi - 1] == 0) --g_hi;
+    }
+  }
+
+ private:
+  // The Newton step of every group in flight, from the sums at its theta: a group whose
+  // 1 - phi <= rtol is done, the others move theta on (and stay in flight). Returns how many moved.
+  int64_t newton_step(const T* s1, const T* s2, const T* upper, T* theta, T* in_flight) const {
+    const T rtol = std::is_same_v<T, double> ? T(1e-12) : T(1e-6);
+    int64_t moved = 0;
+    for (int64_t b = 0; b < nb_; ++b) {
+      if (in_flight[b] == 0) continue;
+      const T phi = T(1) / std::sqrt(s1[b]);
+      if (T(1) - phi <= rtol) {
+        in_flight[b] = 0;
+        continue;
+      }
+      const T dphi = s2[b] * phi * phi * phi;
+      theta[b] = std::max(std::min(theta[b] + (T(1) - phi) / dphi, upper[b]), T(0));
+      ++moved;
+    }
+    return moved;
+  }
+
+  // The scratch of the thread that owns the whole-tensor buffers (z, d).
+  static Scratch<T>& owner_scratch() { return Scratch<T>::get(); }
+
+  // Runs f(block, lanes, sums) on every row band and adds the bands' sums[i][b] for b in
+  // [g_lo, g_hi) into out[i][b] (set, not accumulated). `lanes` is the running thread's
+  // scratch, large enough for three times the block's lanes.
+  template <int N, class F>
+  void over_rows(int64_t g_lo, int64_t g_hi, const std::array<T*, N>& out, F&& f) {
+    if (blocks_.size() == 1) {
+      f(blocks_[0], sized(Scratch<T>::get().lanes, 3 * lanes_), out);
+      return;
+    }
+    const int64_t bands = static_cast<int64_t>(blocks_.size());
+    band_sums_.assign(std::max<int64_t>(1, bands * N * nb_), T(0));
+    at::parallel_for(0, bands, 1, [&](int64_t begin, int64_t end) {
+      T* lanes = sized(Scratch<T>::get().lanes, 3 * lanes_);
+      for (int64_t k = begin; k < end; ++k) {
+        std::array<T*, N> sums;
+        for (int i = 0; i < N; ++i) sums[i] = band_sums_.data() + (k * N + i) * nb_;
+        f(blocks_[k], lanes, sums);
+      }
+    });
+    for (int i = 0; i < N; ++i) {
+      for (int64_t b = g_lo; b < g_hi; ++b) {
+        T total = T(0);
+        for (int64_t k = 0; k < bands; ++k) total += band_sums_[(k * N + i) * nb_ + b];
+        out[i][b] = total;
+      }
+    }
+  }
+
+  const TensorStep& t_;
+  const AdamConstants<T> c_;
+  const T tau_;
+  int64_t nb_, lanes_;
+  std::vector<Block<S>> blocks_;
+  std::vector<T> groups_;     // per-group sums and Newton state
+  std::vector<T> band_sums_;  // [bands, N, nb] sums of each row band
+};
+
+// --- work items ---------------------------------------------------------------------------
+
+template <typename S>
+void run_item(const Hyper& h, const TensorStep& t, const WorkItem& item, int64_t bands) {
+  using T = at::opmath_type<S>;
+  using Vec = Vectorized<T>;
+  if (t.prox == Prox::kGroup || t.prox == Prox::kWeighted) {
+    GroupProx<S> prox(h, t, item.begin, item.end, bands);
+    if (t.prox == Prox::kGroup) {
+      prox.group();
+    } else {
+      prox.weighted();
+    }
+    return;
+  }
+  const AdamConstants<T> c(h, t);
+  S* p = static_cast<S*>(t.p);
+  const S* g = static_cast<const S*>(t.g);
+  S* m = static_cast<S*>(t.m);
+  S* v = static_cast<S*>(t.v);
+  const Vec threshold(static_cast<T>(t.threshold));
+  if (t.prox == Prox::kL1) {
+    for_vectors<T>(item.begin, item.end, [&](int64_t i, int64_t count) {
+      store(p + i, soft_threshold(adam(c, p + i, g + i, m + i, v + i, count).z, threshold), count);
+    });
+  } else {
+    for_vectors<T>(item.begin, item.end, [&](int64_t i, int64_t count) {
+      store(p + i, adam(c, p + i, g + i, m + i, v + i, count).z, count);
+    });
+  }
+}
+
+void dispatch_item(const Hyper& h, const TensorStep& t, const WorkItem& item, int64_t bands) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.dtype, "group_prox_adam_cpu",
+                                  [&] { run_item<scalar_t>(h, t, item, bands); });
+}
+
+void check_same_layout(const at::Tensor& p, const at::Tensor& t, const char* what, size_t i) {
+  TORCH_CHECK(t.device().is_cpu(), "group_prox_adam_cpu: ", what, "[", i, "] is on ", t.device(),
+              "; every tensor must be on the CPU");
+  TORCH_CHECK(t.scalar_type() == p.scalar_type(), "group_prox_adam_cpu: ", what, "[", i,
+              "] has dtype ", t.scalar_type(), " but its param has ", p.scalar_type());
+  TORCH_CHECK(t.sizes() == p.sizes() && t.strides() == p.strides(), "group_prox_adam_cpu: ", what,
+              "[", i, "] must have its param's shape and strides");
+}
+
+}  // namespace
+
+// The op. `proxes[i]` is tensor i's prox ("none" for tensors that take plain Adam) and
+// `layouts[3 i : 3 i + 3]` its (A, B, K) (read only for group proxes). Every param must be dense
+// in memory, with grads, exp_avgs and exp_avg_sqs of its dtype, shape and strides.
+void group_prox_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                         at::TensorList exp_avg_sqs, at::TensorList state_steps,
+                         const c10::List<std::string>& proxes, at::IntArrayRef layouts,
+                         double lr, double beta1, double beta2, double eps, double weight_decay,
+                         bool decoupled_weight_decay, bool maximize, double lambda,
+                         const std::optional<at::Tensor>& grad_scale) {
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
+                  state_steps.size() == n && proxes.size() == n && layouts.size() == 3 * n,
+              "group_prox_adam_cpu: params, grads, exp_avgs, exp_avg_sqs, state_steps and proxes "
+              "must have one entry per param and layouts three");
+
+  Hyper h{lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, 1.0, false};
+  if (grad_scale.has_value()) {
+    TORCH_CHECK(grad_scale->device().is_cpu() && grad_scale->numel() == 1,
+                "group_prox_adam_cpu: grad_scale must be a one-element CPU tensor");
+    h.grad_divisor = grad_scale->item<double>();
+    h.divide_grad = true;
+  }
+  if (maximize) {
+    h.grad_divisor = -h.grad_divisor;
+    h.divide_grad = true;
+  }
+
+  std::vector<TensorStep> steps;
+  std::vector<WorkItem> items;
+  steps.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    if (p.numel() == 0) continue;
+    TORCH_CHECK(p.device().is_cpu(), "group_prox_adam_cpu: params[", i, "] is on ", p.device());
+    TORCH_CHECK(at::isFloatingType(p.scalar_type()) && p.element_size() >= 2,
+                "group_prox_adam_cpu: params[", i, "] has dtype ", p.scalar_type(),
+                "; expected float64, float32, float16 or bfloat16");
+    TORCH_CHECK(p.is_non_overlapping_and_dense(), "group_prox_adam_cpu: params[", i,
+                "] is not dense in memory; pass a contiguous copy");
+    check_same_layout(p, grads[i], "grads", i);
+    check_same_layout(p, exp_avgs[i], "exp_avgs", i);
+    check_same_layout(p, exp_avg_sqs[i], "exp_avg_sqs", i);
+    TORCH_CHECK(state_steps[i].device().is_cpu() && state_steps[i].numel() == 1,
+                "group_prox_adam_cpu: state_steps[", i, "] must be a one-element CPU tensor");
+
+    const double step = state_steps[i].item<double>();
+    TensorStep t{p.data_ptr(), grads[i].const_data_ptr(), exp_avgs[i].data_ptr(),
+                 exp_avg_sqs[i].data_ptr(), p.scalar_type(), p.numel(), 1, 1, p.numel(),
+                 lambda == 0 ? Prox::kNone : parse_prox(proxes.get(i)),
+                 lr / (1 - std::pow(beta1, step)), std::sqrt(1 - std::pow(beta2, step)),
+                 lr * lambda};
+    if (t.prox == Prox::kGroup || t.prox == Prox::kWeighted) {
+      t.A = layouts[3 * i];
+      t.B = layouts[3 * i + 1];
+      t.K = layouts[3 * i + 2];
+      TORCH_CHECK(t.A > 0 && t.B > 0 && t.K > 0 && t.A * t.B * t.K == t.numel,
+                  "group_prox_adam_cpu: layout (", t.A, ", ", t.B, ", ", t.K, ") of params[", i,
+                  "] does not cover its ", t.numel, " elements");
+      t.threshold = lr * lambda * std::sqrt(static_cast<double>(t.A * t.K));
+      if (t.threshold == 0) t.prox = Prox::kNone;  // with tau == 0 every prox is the identity
+    }
+    const int64_t index = static_cast<int64_t>(steps.size());
+    if (t.prox == Prox::kGroup || t.prox == Prox::kWeighted) {
+      // Strided (in-channel) groups: the whole tensor in memory order. Contiguous ones: tiles.
+      const int64_t per_tile = t.A > 1 ? t.B : std::max<int64_t>(1, kTileElements / t.K);
+      for (int64_t b = 0; b < t.B; b += per_tile) items.push_back({index, b, std::min(t.B, b + per_tile)});
+    } else {
+      for (int64_t e = 0; e < t.numel; e += kChunkElements) {
+        items.push_back({index, e, std::min(t.numel, e + kChunkElements)});
+      }
+    }
+    steps.push_back(t);
+  }
+  if (items.empty()) return;
+
+  // An item larger than a thread's share of the work runs on all threads, before the rest.
+  const int64_t threads = at::get_num_threads();
+  const auto elements = [&](const WorkItem& item) {
+    const TensorStep& t = steps[item.tensor];
+    return t.prox == Prox::kGroup || t.prox == Prox::kWeighted ? item.size() * t.A * t.K : item.size();
+  };
+  int64_t total = 0;
+  for (const WorkItem& item : items) total += elements(item);
+  std::vector<WorkItem> shared;
+  auto large = [&](const WorkItem& item) { return threads > 1 && elements(item) * threads > total; };
+  for (const WorkItem& item : items) {
+    if (large(item)) shared.push_back(item);
+  }
+  items.erase(std::remove_if(items.begin(), items.end(), large), items.end());
+  for (const WorkItem& item : shared) {
+    const TensorStep& t = steps[item.tensor];
+    const int64_t bands = std::clamp<int64_t>(elements(item) / kBandElements, 1, t.A);
+    dispatch_item(h, t, item, bands);
+  }
+
+  // Largest first, each thread taking the next item until none are left.
+  std::stable_sort(items.begin(), items.end(),
+                   [&](const WorkItem& x, const WorkItem& y) { return elements(x) > elements(y); });
+  std::atomic<int64_t> next{0};
+  const int64_t num_items = static_cast<int64_t>(items.size());
+  at::parallel_for(0, std::min(threads, num_items), 1, [&](int64_t, int64_t) {
+    for (int64_t k = next.fetch_add(1); k < num_items; k = next.fetch_add(1)) {
+      dispatch_item(h, steps[items[k].tensor], items[k], 1);
+    }
+  });
+}
+
+}  // namespace lomt
+
+// A fragment: other extensions may define ops in the same namespace.
+TORCH_LIBRARY_FRAGMENT(lomt, m) {
+  m.def(
+      "group_prox_adam_cpu(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor[] state_steps, str[] proxes, int[] layouts, float lr, "
+      "float beta1, float beta2, float eps, float weight_decay, bool decoupled_weight_decay, "
+      "bool maximize, float lambda_, Tensor? grad_scale) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(lomt, CPU, m) {
+  m.impl("group_prox_adam_cpu", &lomt::group_prox_adam_cpu);
+}

@@ -1,0 +1,160 @@
+r"""The ``"cpu"`` backend: the proximal Adam step fused into one pass, in C++.
+
+The kernel is ``csrc/group_prox_adam_cpu.cpp`` (its header comment gives the tile design),
+registered as the custom op ``torch.ops.lomt.group_prox_adam_cpu`` so ``torch.compile`` sees one
+opaque op that mutates params and state. The maths is
+:func:`lomt_kernels.reference.group_prox_adam`'s: float32, float16 and bfloat16 params compute in
+float32 and are rounded once on store, float64 params compute in float64. Per tensor:
+
+.. math::
+
+    m \leftarrow \beta_1 m + (1-\beta_1) g,\quad v \leftarrow \beta_2 v + (1-\beta_2) g^2,\quad
+    d = \sqrt{v}/\sqrt{1-\beta_2^t} + \epsilon,\quad z = p - \frac{\mathrm{lr}}{1-\beta_1^t} m/d
+
+then ``p = prox(z)`` for the groups :func:`~lomt_kernels.grouping.group_layout` gives, with
+``tau = lr * lambda_ * sqrt(n_G)``.
+
+This module prepares the tensors: a param whose groups have no ``[A, B, K]`` layout in memory
+(e.g. a transposed weight), or whose grads or state have other strides, is stepped on contiguous
+copies that are copied back. The extension is compiled on first use (about a minute); ``python
+-m lomt_kernels.build`` does it ahead of time.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from torch import Tensor
+
+from ..grouping import group_layout, is_grouped
+from ._extension import ExtensionUnavailable, load_extension
+
+EXTENSION_NAME = "group_prox_adam_cpu"
+SOURCES = ("group_prox_adam_cpu.cpp",)
+
+
+def compile_flags() -> list[str]:
+    """Optimised for this machine's CPU, with ATen's vectors at its widest supported ISA."""
+    flags = ["-O3", "-march=native", "-fno-math-errno"]
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability in ("AVX512", "AVX2"):
+        flags.append(f"-DCPU_CAPABILITY_{capability}")
+    return flags
+
+
+#: Set once the op is loaded and its fake registered; read before every step so that
+#: ``torch.compile`` traces straight to the op (the loader's lock is opaque to it).
+_loaded = False
+_lock = threading.Lock()
+
+
+def build() -> str:
+    """Build (first use) and load the extension; returns the path of the shared library.
+
+    Raises :class:`~lomt_kernels.kernels._extension.ExtensionUnavailable` with the reason.
+    """
+    global _loaded
+    with _lock:
+        path = load_extension(EXTENSION_NAME, SOURCES, extra_cflags=compile_flags())
+        if not _loaded:
+            torch.library.register_fake("lomt::group_prox_adam_cpu")(_fake)
+            _loaded = True
+    assert isinstance(path, str)
+    return path
+
+
+def _fake(params, grads, exp_avgs, exp_avg_sqs, state_steps, proxes, layouts, lr, beta1, beta2,  # noqa: ANN001
+          eps, weight_decay, decoupled_weight_decay, maximize, lambda_, grad_scale) -> None:
+    """The op's meta function: it returns nothing and only mutates its inputs."""
+    return None
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """``None`` if the fused CPU kernel can step params on ``device``, else what is missing."""
+    if device.type != "cpu":
+        return f"params are on {device.type}; the cpu backend steps CPU tensors only"
+    try:
+        build()
+    except ExtensionUnavailable as exc:
+        return str(exc)
+    return None
+
+
+def _is_dense(t: Tensor) -> bool:
+    """Whether ``t``'s storage is exactly its elements, in an order the kernel can walk."""
+    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+
+
+def group_prox_adam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    maximize: bool,
+    lambda_: float,
+    prox: str,
+    grouping: str,
+    grad_scale: Tensor | None = None,
+) -> None:
+    """One proximal Adam step, in place, with the fused C++ kernel (the ``"cpu"`` backend).
+
+    Same signature and semantics as :func:`lomt_kernels.reference.group_prox_adam`. Every
+    tensor must be on the CPU; ``exp_avgs``, ``exp_avg_sqs`` and ``grads`` must have their
+    param's dtype (float64, float32, float16 or bfloat16).
+    """
+    if not _loaded:
+        build()
+    work_p, work_g, work_m, work_v, steps, proxes, layouts = [], [], [], [], [], [], []
+    copies: list[tuple[Tensor, Tensor]] = []  # (original, the copy the kernel stepped)
+    for i, (p, g, m, v, step) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, state_steps)):
+        if p.numel() == 0:
+            continue
+        if not (g.dtype == m.dtype == v.dtype == p.dtype):
+            raise TypeError(
+                f"backend 'cpu' needs grads and Adam state in the param's dtype; tensor {i} has a "
+                f"{p.dtype} param, {g.dtype} grad, {m.dtype} exp_avg and {v.dtype} exp_avg_sq "
+                f"(backend='torch' takes mixed dtypes)"
+            )
+        tensor_prox = prox if prox != "none" and lambda_ != 0 and is_grouped(p) else "none"
+        grouped = tensor_prox in ("group", "group_weighted")
+        layout = group_layout(p, grouping) if grouped else None
+        if (grouped and layout is None) or not _is_dense(p):
+            work = p.contiguous()
+            copies.append((p, work))
+            p = work
+            layout = group_layout(p, grouping) if grouped else None
+        g = _like(p, g)
+        m_work, v_work = _like(p, m), _like(p, v)
+        copies += [(t, work) for t, work in ((m, m_work), (v, v_work)) if work is not t]
+        work_p.append(p)
+        work_g.append(g)
+        work_m.append(m_work)
+        work_v.append(v_work)
+        steps.append(step)
+        proxes.append(tensor_prox)
+        layouts.extend(layout if layout is not None else (1, 1, p.numel()))
+    if not work_p:
+        return
+    torch.ops.lomt.group_prox_adam_cpu(
+        work_p, work_g, work_m, work_v, steps, proxes, layouts, lr, beta1, beta2, eps,
+        weight_decay, decoupled_weight_decay, maximize, lambda_, grad_scale,
+    )
+    for original, work in copies:
+        original.copy_(work)
+
+
+def _like(p: Tensor, t: Tensor) -> Tensor:
+    """``t`` itself if it has ``p``'s strides, else a copy with them (the kernel reads all four
+    tensors at the same storage offsets)."""
+    if t.stride() == p.stride():
+        return t
+    return torch.empty_like(p).copy_(t)

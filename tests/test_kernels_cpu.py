@@ -1,0 +1,303 @@
+"""The ``"cpu"`` backend (``csrc/group_prox_adam_cpu.cpp``) against the float64 reference.
+
+Every test steps the same problem with :func:`lomt_kernels.reference.group_prox_adam` in
+float64 and with the fused kernel, from identical inputs (lower-precision inputs are upcast for
+the reference, so the only difference is the kernel's arithmetic). The first test to run builds
+the extension (about a minute, once per machine).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from lomt_kernels import FusedGroupProxAdam, reference
+from lomt_kernels.grouping import GROUPINGS, PROXES, as_groups, is_grouped
+from lomt_kernels.kernels import cpu
+from lomt_kernels.kernels._extension import ExtensionUnavailable, load_extension
+
+STEPS = 7
+HYPER = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, decoupled_weight_decay=False, maximize=False)
+#: With these the 7 steps zero some groups (elements, for l1) of every grouped tensor and keep
+#: others (asserted in each test); "none" must ignore its lambda_.
+LAMBDAS = {"none": 8.0, "group": 8.0, "group_weighted": 1.0, "l1": 3.0}
+#: (name, shape): a 3x3 and a 1x1 conv, a Linear weight, a bias, an empty tensor, a channels-last
+#: conv and a transposed (non-contiguous) 2-D weight.
+SHAPES = (
+    ("conv3x3", (16, 12, 3, 3)),
+    ("conv1x1", (24, 16, 1, 1)),
+    ("linear", (10, 24)),
+    ("bias", (10,)),
+    ("empty", (0, 5)),
+    ("conv_channels_last", (12, 8, 3, 3)),
+    ("transposed", (9, 14)),
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def extension() -> None:
+    reason = cpu.unavailable_reason(torch.device("cpu"))
+    if reason is not None:
+        pytest.fail(f"the cpu extension must build on the test machine: {reason}")
+
+
+def make_problem(seed: int = 0) -> tuple[list[Tensor], list[list[Tensor]]]:
+    """float64 params in the layouts of :data:`SHAPES`, and ``STEPS`` steps of gradients.
+
+    Weights are ``randn`` times a scale in ``[0.05, 1]`` (log-uniform) per input and per output
+    channel, so group norms spread over two decades and ``LAMBDAS`` zero only some groups.
+    Gradients are contiguous even for the channels-last and transposed params, so the kernel
+    also sees grads whose strides differ from their param's.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    params = []
+    for name, shape in SHAPES:
+        x = torch.randn(shape, generator=gen, dtype=torch.float64)
+        for dim in range(min(2, len(shape)) if x.numel() and len(shape) >= 2 else 0):
+            scale = torch.empty(shape[dim], dtype=torch.float64).uniform_(math.log(0.05), 0.0, generator=gen).exp()
+            x = x * scale.view([-1 if d == dim else 1 for d in range(len(shape))])
+        if name == "conv_channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        elif name == "transposed":
+            x = x.t().contiguous().t()
+        params.append(x)
+    grads = [[0.1 * torch.randn(shape, generator=gen, dtype=torch.float64) for _, shape in SHAPES] for _ in range(STEPS)]
+    return params, grads
+
+
+def run(step_fn, params: list[Tensor], grads: list[list[Tensor]], *, state=None, **kwargs) -> tuple[list[Tensor], ...]:
+    """``len(grads)`` steps of ``step_fn`` from ``params`` (cloned) and zero (or given) state.
+
+    Returns the final params, ``exp_avg``s and ``exp_avg_sq``s.
+    """
+    params = [p.clone() for p in params]  # clone() keeps the layout
+    if state is None:
+        exp_avgs = [torch.zeros_like(p) for p in params]
+        exp_avg_sqs = [torch.zeros_like(p) for p in params]
+        steps = [torch.tensor(0.0) for _ in params]
+    else:
+        exp_avgs, exp_avg_sqs, steps = ([t.clone() for t in ts] for ts in state)
+    for step_grads in grads:
+        for s in steps:
+            s += 1
+        step_fn(params, step_grads, exp_avgs, exp_avg_sqs, steps, **kwargs)
+    return params, exp_avgs, exp_avg_sqs
+
+
+def zero_pattern(p: Tensor, prox: str, grouping: str) -> Tensor:
+    """Which groups (elements, for l1) of ``p`` are exactly zero."""
+    if prox == "l1":
+        return p == 0
+    return (as_groups(p, grouping) == 0).all(dim=1)
+
+
+def check_zeros(actual: list[Tensor], expected: list[Tensor], prox: str, grouping: str) -> None:
+    """Same exact zeros as the reference, and in every grouped tensor some zero and some not."""
+    if prox == "none":
+        assert all(bool((p != 0).all()) for p in actual if p.numel())
+        return
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        if not is_grouped(e) or e.numel() == 0:
+            continue
+        zeros = zero_pattern(a, prox, grouping)
+        assert torch.equal(zeros, zero_pattern(e, prox, grouping)), f"{SHAPES[i][0]}: zero patterns differ"
+        assert zeros.any() and not zeros.all(), f"{SHAPES[i][0]}: lambda_ should zero some groups, not all"
+
+
+def assert_all_close(actual: list[Tensor], expected: list[Tensor], *, rtol: float, atol_factor: float) -> None:
+    """``|a - e| <= atol + rtol |e|`` elementwise, with ``atol = atol_factor * max|e|`` per tensor
+    (an error relative to the tensor's scale, for elements the prox has shrunk towards zero)."""
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert a.shape == e.shape and a.stride() == e.stride(), SHAPES[i][0]
+        if e.numel():
+            atol = atol_factor * float(e.abs().max())
+            torch.testing.assert_close(a.double(), e, rtol=rtol, atol=atol, msg=lambda m: f"{SHAPES[i][0]}: {m}")
+
+
+@pytest.mark.parametrize("grouping", GROUPINGS)
+@pytest.mark.parametrize("prox", PROXES)
+def test_float64_matches_reference(prox: str, grouping: str) -> None:
+    # The same maths in the same precision: results differ only by rounding order (sums over
+    # groups, fused multiply-adds), ~1e-16 relative per operation. Over 7 steps the Adam
+    # division and a shrink close to its threshold amplify that by at most ~1e4.
+    params, grads = make_problem()
+    kwargs = dict(HYPER, lambda_=LAMBDAS[prox], prox=prox, grouping=grouping)
+    expected = run(reference.group_prox_adam, params, grads, **kwargs)
+    actual = run(cpu.group_prox_adam, params, grads, **kwargs)
+    for a, e in zip(actual, expected):
+        assert_all_close(a, e, rtol=1e-10, atol_factor=1e-12)
+    check_zeros(actual[0], expected[0], prox, grouping)
+
+
+@pytest.mark.parametrize("grouping", GROUPINGS)
+@pytest.mark.parametrize("prox", PROXES)
+def test_float32_matches_float64_reference(prox: str, grouping: str) -> None:
+    # float32 rounds each of the ~15 operations of a step to 2^-24 (6e-8) relative, so p, m and
+    # v drift from float64 by up to a few 1e-7 relative per step (measured: 2.5e-7 after 7 steps). The shrink's
+    # error is absolute (|z| tau/||z|| times the norm's 1e-7 relative error), hence the atol on
+    # the tensor's scale; the weighted prox also stops Newton at 1 - phi <= 1e-6 rather than
+    # 1e-12, which moves x by at most 1e-6 relative.
+    params, grads = make_problem()
+    kwargs = dict(HYPER, lambda_=LAMBDAS[prox], prox=prox, grouping=grouping)
+    params32 = [p.float() for p in params]
+    grads32 = [[g.float() for g in gs] for gs in grads]
+    expected = run(reference.group_prox_adam, [p.double() for p in params32],
+                   [[g.double() for g in gs] for gs in grads32], **kwargs)
+    actual = run(cpu.group_prox_adam, params32, grads32, **kwargs)
+    for a, e in zip(actual, expected):
+        assert all(t.dtype == torch.float32 for t in a)
+        assert_all_close(a, e, rtol=5e-6, atol_factor=5e-6)
+    check_zeros(actual[0], expected[0], prox, grouping)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("grouping", GROUPINGS)
+@pytest.mark.parametrize("prox", PROXES)
+def test_half_precision_one_step(prox: str, grouping: str, dtype: torch.dtype) -> None:
+    # Kernel and reference both compute in float32 from the same 16-bit inputs and round once to
+    # the storage dtype. Their float32 results differ by ~1e-6 relative, which can move a value
+    # across a rounding boundary, so they agree to one unit in the last place of the dtype:
+    # eps relative, or one subnormal step near zero.
+    params, grads = make_problem()
+    gen = torch.Generator().manual_seed(1)
+    state = (  # a warm Adam state, in the params' layouts
+        [torch.empty_like(p).copy_(1e-2 * torch.randn(p.shape, generator=gen, dtype=p.dtype)) for p in params],
+        [torch.empty_like(p).copy_(1e-3 * torch.randn(p.shape, generator=gen, dtype=p.dtype)).square_() for p in params],
+        [torch.tensor(10.0) for _ in params],
+    )
+    low = [p.to(dtype) for p in params]
+    low_state = ([t.to(dtype) for t in state[0]], [t.to(dtype) for t in state[1]], state[2])
+    low_grads = [[g.to(dtype) for g in grads[0]]]
+    kwargs = dict(HYPER, lambda_=LAMBDAS[prox], prox=prox, grouping=grouping)
+    expected = run(reference.group_prox_adam, [p.float() for p in low], [[g.float() for g in low_grads[0]]],
+                   state=tuple([t.float() for t in ts] for ts in low_state[:2]) + (low_state[2],), **kwargs)
+    actual = run(cpu.group_prox_adam, low, low_grads, state=low_state, **kwargs)
+    finfo = torch.finfo(dtype)
+    for a_list, e_list in zip(actual, expected):
+        for (name, _), a, e in zip(SHAPES, a_list, e_list):
+            assert a.dtype == dtype
+            torch.testing.assert_close(a.float(), e.to(dtype).float(), rtol=finfo.eps, atol=finfo.smallest_normal * finfo.eps,
+                                       msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(decoupled_weight_decay=True),
+        dict(maximize=True),
+        dict(weight_decay=0.0),
+        dict(beta1=0.3),  # lerp weight 0.7 >= 0.5: torch.lerp's other formula
+        dict(grad_scale=torch.tensor(1024.0, dtype=torch.float64)),
+        dict(lr=0.0),  # tau == 0: every prox is the identity
+    ],
+    ids=["decoupled", "maximize", "no_decay", "beta1_0.3", "grad_scale", "lr_0"],
+)
+@pytest.mark.parametrize("prox", ["group", "group_weighted", "l1"])
+def test_hyperparameters_match_reference(prox: str, variant: dict) -> None:
+    params, grads = make_problem(seed=2)
+    if "grad_scale" in variant:
+        grads = [[g * variant["grad_scale"] for g in gs] for gs in grads]
+    kwargs = dict(HYPER, lambda_=LAMBDAS[prox], prox=prox, grouping="in_channel") | variant
+    expected = run(reference.group_prox_adam, params, grads, **kwargs)
+    actual = run(cpu.group_prox_adam, params, grads, **kwargs)
+    for a, e in zip(actual, expected):
+        assert_all_close(a, e, rtol=1e-10, atol_factor=1e-12)
+
+
+@pytest.mark.parametrize("prox", ["group", "group_weighted"])
+def test_large_groups_and_many_tiles(prox: str) -> None:
+    """Groups longer than a tile's target (one group per tile) and tensors cut into many tiles,
+    with an out-channel K that is not a multiple of the vector width."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(70_000, 3), (3, 70_001), (256, 300, 1, 1)]
+    scale = lambda n: torch.empty(n, dtype=torch.float64).uniform_(0.01, 1.0, generator=gen)  # noqa: E731
+    params = [torch.randn(shapes[0], generator=gen, dtype=torch.float64) * scale(3),
+              torch.randn(shapes[1], generator=gen, dtype=torch.float64) * scale(3)[:, None],
+              torch.randn(shapes[2], generator=gen, dtype=torch.float64) * scale(300)[:, None, None]]
+    grads = [[0.1 * torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes] for _ in range(2)]
+    for grouping in GROUPINGS:
+        kwargs = dict(HYPER, lambda_=LAMBDAS[prox], prox=prox, grouping=grouping)
+        expected = run(reference.group_prox_adam, params, grads, **kwargs)
+        actual = run(cpu.group_prox_adam, params, grads, **kwargs)
+        for a_list, e_list in zip(actual, expected):
+            for a, e in zip(a_list, e_list):
+                torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12 * float(e.abs().max()))
+
+
+def test_optimizer_cpu_backend_matches_torch_backend() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 16, 1), nn.Flatten(), nn.Linear(16 * 6 * 6, 5))
+    model[1].to(memory_format=torch.channels_last)
+    twins = [model, copy.deepcopy(model)]
+    optimizers = []
+    for net, backend in zip(twins, ("torch", "cpu")):
+        convs = [p for p in net.parameters() if p.dim() == 4]
+        rest = [p for p in net.parameters() if p.dim() != 4]
+        optimizers.append(FusedGroupProxAdam(
+            [{"params": convs}, {"params": rest, "prox": "l1", "lambda_": 0.5}],
+            lr=1e-2, weight_decay=1e-3, lambda_=0.5, prox="group_weighted", backend=backend,
+        ))
+    x = torch.randn(4, 3, 8, 8)
+    for _ in range(5):
+        for net, opt in zip(twins, optimizers):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    # Both step in float32; they differ by float32 rounding order (~1e-7 relative per step).
+    for p_ref, p_cpu in zip(twins[0].parameters(), twins[1].parameters()):
+        torch.testing.assert_close(p_cpu, p_ref, rtol=1e-5, atol=1e-6)
+        assert p_cpu.stride() == p_ref.stride()
+    for s_ref, s_cpu in zip(optimizers[0].state.values(), optimizers[1].state.values()):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(s_cpu[key], s_ref[key], rtol=1e-5, atol=1e-8)
+
+
+def test_op_under_torch_compile_fullgraph() -> None:
+    params, grads = make_problem()
+    params = [p.float() for p in params]
+    grads = [g.float() for g in grads[0]]
+    kwargs = dict(HYPER, lambda_=LAMBDAS["group"], prox="group", grouping="in_channel")
+
+    def step(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor], steps: list[Tensor]) -> None:
+        cpu.group_prox_adam(ps, gs, ms, vs, steps, **kwargs)
+
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True, backend="inductor")):
+        ps = [p.clone() for p in params]
+        ms, vs = [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps]
+        fn(ps, grads, ms, vs, [torch.tensor(1.0) for _ in ps])
+        results.append(ps + ms + vs)
+    for compiled, eager in zip(results[1], results[0]):
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+def test_unavailable_off_the_cpu() -> None:
+    reason = cpu.unavailable_reason(torch.device("cuda"))
+    assert reason is not None and "cuda" in reason
+
+
+def test_mixed_dtypes_are_refused() -> None:
+    p = torch.zeros(4, 3)
+    with pytest.raises(TypeError, match="dtype"):
+        cpu.group_prox_adam([p], [torch.zeros(4, 3, dtype=torch.float64)], [torch.zeros_like(p)],
+                            [torch.zeros_like(p)], [torch.tensor(1.0)], **HYPER, lambda_=1.0, prox="group",
+                            grouping="in_channel")
+
+
+def test_build_failure_is_a_reason(tmp_path, monkeypatch, capfd) -> None:
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+    source = tmp_path / "broken.cpp"
+    source.write_text("int broken( { return 0; }\n")
+    name = f"lomt_test_broken_{tmp_path.name}"
+    for attempt in range(2):
+        with pytest.raises(ExtensionUnavailable, match=r"building .* failed: .*error") as exc_info:
+            load_extension(name, [str(source)])
+        assert "\n" not in str(exc_info.value)
+    err = capfd.readouterr().err
+    assert err.count(f"lomt_kernels: compiling {name}") == 1, err
+    with pytest.raises(ExtensionUnavailable, match="missing"):
+        load_extension(f"{name}_missing", [str(tmp_path / "absent.cpp")])
