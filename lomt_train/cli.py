@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 from .config import DATASETS, PAPER_BATCH_SIZE, PAPER_PRESET, PAPER_SEEDS, SYNTHETIC_PRESET, RunConfig
 from .tasks import resolve_tasks
-from .trainer import run_sweep
+from .trainer import run_sweep, summary_line
 
 
 def _attach_pairs(values: Sequence[str]) -> dict[str, str]:
@@ -136,8 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             config, lambdas, seeds = config_from_args(args.command, args)
             results = run_sweep(config, lambdas, seeds, resume=args.resume, progress=not args.no_progress)
             for result in results if os.environ.get("RANK", "0") == "0" else []:
-                print(f"{result.run_dir}: test ({result.test_split}) {json.dumps(result.test_metrics)}"
-                      f" | group sparsity {result.sparsity['total']['group_sparsity']:.1f}%")
+                label = f"{result.run_dir} test ({result.test_split})"
+                print(summary_line(label, result.test_metrics, result.sparsity["total"]["group_sparsity"]))
         elif args.command == "report":
             from .report import write_report
 

@@ -32,7 +32,7 @@ from .distributed import DistContext, init_distributed, shard
 from .data import build_dataset, make_synthetic_celeba, make_synthetic_nyu, synthetic_root
 from .losses import build_weighting
 from .models import MultiTaskModel, build_model
-from .tasks import Task, resolve_tasks
+from .tasks import Task, get_task, resolve_tasks
 from .timing import measure_latency
 
 
@@ -351,7 +351,7 @@ def train(
             )
         ctx.barrier()
         if progress:
-            tqdm.write(_summary_line(row, tasks))
+            tqdm.write(summary_line(f"epoch {row['epoch']} val", row["val"], row["group_sparsity"]))
         epochs_run += 1
         if stop_after is not None and epochs_run >= stop_after and epoch + 1 < config.epochs:
             return None
@@ -359,12 +359,13 @@ def train(
     return _finish(config, run_dir, model, tasks, ctx, history, root, common)
 
 
-def _summary_line(row: dict[str, Any], tasks: list[Task]) -> str:
-    parts = [f"epoch {row['epoch']}"]
-    for t in tasks:
-        value = row["val"][t.name][t.primary_metric]
-        parts.append(f"{t.name} {t.primary_metric}={value:.4g}")
-    parts.append(f"group sparsity {row['group_sparsity']:.1f}%")
+def summary_line(label: str, metrics: dict[str, dict[str, float]], group_sparsity: float) -> str:
+    """One line: each task's primary metric and the backbone's group sparsity."""
+    parts = [label]
+    for name, values in metrics.items():
+        primary = get_task(name).primary_metric
+        parts.append(f"{name} {primary}={values[primary]:.4g}")
+    parts.append(f"group sparsity {group_sparsity:.1f}%")
     return " | ".join(parts)
 
 
