@@ -22,28 +22,30 @@
 // with tau = lr lambda sqrt(n_G). A tensor's storage is read as a dense [A, B, K] array whose
 // group b is [:, b, :] (lomt_kernels.grouping.GroupLayout), so n_G = A K.
 //
-// Memory order. A CPU streams memory in address order at several times the rate it reads a
-// strided pattern (measured here on Zen 4: runs of 1-9 KiB at a fixed stride reach 35-60% of
-// the sequential bandwidth, with or without software prefetch), and a 2-core Adam step is
-// bound by its arithmetic (a sqrt and two divisions per element), not by bandwidth. So every
-// pass walks storage in address order, and a group prox is a few sequential passes:
+// Memory order. Measured on the 2-core Zen 4 machine this was tuned on: a core streams memory in
+// address order at ~46 GB/s but reads a strided pattern (runs of 0.1-9 KiB at a fixed stride)
+// at 35-60% of that, with or without software prefetch, and a column tile of a tensor with
+// short rows (a 1x1 conv: 2048 rows of 2 KiB) touches more pages than the TLB holds. The two
+// cores together reach ~56 GB/s, which torch.optim.Adam(fused=True) already uses: the step is
+// bound by bytes moved. So every pass walks storage in address order:
 //
-// * In-channel groups (A > 1) are strided: group b is a run of K elements in every row. Pass 1
-//   is the Adam update over whole rows, writing z and adding each lane's z^2 into per-lane sums
-//   of one row's length, reduced over each group's K lanes at the end. Pass 2 rescales z in
-//   place. Pass 2 re-reads z (from L2 for small tensors, else from memory): 36 bytes per float32
-//   param against Adam's 28, at little extra arithmetic.
+// * Elementwise tensors (plain Adam, l1): one pass, 28 bytes per float32 param.
 // * Out-channel groups (A = 1) are contiguous: the tensor is cut into tiles of whole groups
-//   small enough that z is still in L2 for pass 2, so memory sees Adam's 28 bytes.
-// * The weighted prox keeps z and d in a scratch buffer from pass 1, which also gives the sums
-//   at theta = 0. Each later pass evaluates the Newton sums at every unconverged group's theta
-//   and, from the same division, writes x(theta) into p; a group whose check then passes
-//   already has its final value in p, so the passes are one per Newton update (mostly 3).
+//   small enough that z is still in L2 for the rescale, so memory sees the same 28 bytes.
+// * In-channel groups (A > 1) are strided (group b is a run of K elements in every row). Pass 1
+//   is the Adam update over whole rows, writing z into p and adding each lane's z^2 into per-lane
+//   sums one row long, reduced over each group's K lanes at the end; pass 2 rescales z in place.
+//   Pass 2 re-reads z, from cache for small tensors and from memory for large ones: up to 36
+//   bytes per param. The weighted prox makes one more pass per Newton update (mostly 3), each
+//   reading z from p and v (d = sqrt(v)/c + eps is recomputed with pass 1's exact arithmetic;
+//   16-bit params keep z and d in a float scratch instead).
 //
-// Work items are tiles, whole tensors and chunks of elementwise tensors, largest first,
-// handed to the at::parallel_for threads from a shared counter. A tensor larger than a
-// thread's share is instead processed by all threads at once, each pass split into row bands
-// whose group sums are added up between passes.
+// Parallelism. Two threads streaming the two halves of one tensor get more bandwidth than two
+// threads streaming two different tensors (measured: the same bytes took ~1.5x the thread
+// time). So an in-channel tensor of at least kCooperativeElements is run by all threads at
+// once, each pass split into one contiguous row band per thread, the bands' group sums added
+// up between passes; everything else (smaller tensors, tiles, halves of elementwise tensors)
+// is handed out largest first from a shared counter.
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -70,10 +72,10 @@ using at::vec::Vectorized;
 
 // Out-channel tiles hold about this many elements: z (256 KiB in float) stays in L2 for pass 2.
 constexpr int64_t kTileElements = 1 << 16;
-// Elementwise tensors (plain Adam, l1) are cut into chunks of this many elements.
+// Elementwise tensors are cut into at least this many elements per item (else one per thread).
 constexpr int64_t kChunkElements = 1 << 15;
-// Row bands of a tensor processed by all threads hold about this many elements.
-constexpr int64_t kBandElements = 1 << 16;
+// In-channel tensors from this size up are run by all threads at once, in row bands.
+constexpr int64_t kCooperativeElements = 1 << 16;
 // Groups with at least this many contiguous elements (K) are summed segment by segment;
 // shorter ones through per-lane partial sums.
 constexpr int64_t kSegmentMinLength = 64;
@@ -190,6 +192,12 @@ struct AdamResult {
   Vectorized<T> z, d;
 };
 
+// Adam's denominator d = sqrt(v) / sqrt(1 - beta2^t) + eps.
+template <typename T>
+inline Vectorized<T> denominator(const AdamConstants<T>& c, const Vectorized<T>& exp_avg_sq) {
+  return exp_avg_sq.sqrt() * c.inv_bc2_sqrt + c.eps;
+}
+
 // Updates m and v for `count` elements and returns z = p - s m / d and d; p is not written.
 template <typename T, typename S>
 inline AdamResult<T> adam(const AdamConstants<T>& c, const S* p, const S* g, S* m, S* v,
@@ -206,7 +214,7 @@ inline AdamResult<T> adam(const AdamConstants<T>& c, const S* p, const S* g, S* 
   exp_avg_sq = exp_avg_sq * c.beta2 + (c.one_minus_beta2 * grad) * grad;
   store(m, exp_avg, count);
   store(v, exp_avg_sq, count);
-  auto d = exp_avg_sq.sqrt() * c.inv_bc2_sqrt + c.eps;
+  auto d = denominator(c, exp_avg_sq);
   return {x - c.step_size * exp_avg / d, d};
 }
 
@@ -223,8 +231,8 @@ inline Vectorized<T> soft_threshold(const Vectorized<T>& z, const Vectorized<T>&
 // Buffers a thread reuses from call to call; they only grow.
 template <typename T>
 struct Scratch {
-  std::vector<T> z;      // z of the tile, when it cannot live in p
-  std::vector<T> d;      // Adam denominators of the tile (weighted prox)
+  std::vector<T> z;      // z of the tile (or tensor) when it cannot live in p
+  std::vector<T> d;      // its Adam denominators (weighted prox of 16-bit params)
   std::vector<T> lanes;  // per-lane partial sums, then per-lane theta or scale
 
   static Scratch& get() {
@@ -257,7 +265,6 @@ class Block {
         g_(static_cast<const S*>(t.g)), m_(static_cast<S*>(t.m)), v_(static_cast<S*>(t.v)) {}
 
   int64_t lanes() const { return L_; }
-  int64_t groups() const { return nb_; }
   S* p(int64_t a, int64_t j) const { return p_ + a * row_stride_ + offset_ + j; }
   const S* g(int64_t a, int64_t j) const { return g_ + a * row_stride_ + offset_ + j; }
   S* m(int64_t a, int64_t j) const { return m_ + a * row_stride_ + offset_ + j; }
@@ -381,22 +388,43 @@ class GroupProx {
   }
 
   void weighted() {
+    // z lives in p and d is recomputed from v when p stores the compute type (v is then stored
+    // exactly, and the same arithmetic gives the same d); 16-bit params keep both in scratch.
+    constexpr bool kInPlace = std::is_same_v<S, T>;
     auto& scratch = owner_scratch();
-    T* z = sized(scratch.z, t_.A * lanes_);
-    T* d = sized(scratch.d, t_.A * lanes_);
+    T* z = kInPlace ? nullptr : sized(scratch.z, t_.A * lanes_);
+    T* d = kInPlace ? nullptr : sized(scratch.d, t_.A * lanes_);
+    auto load_z = [&](const Block<S>& blk, int64_t a, int64_t j, int64_t count) {
+      if constexpr (kInPlace) {
+        return Vec::loadu(blk.p(a, j), count);
+      } else {
+        return Vec::loadu(z + blk.scratch(a, j), count);
+      }
+    };
+    auto load_d = [&](const Block<S>& blk, int64_t a, int64_t j, int64_t count) {
+      if constexpr (kInPlace) {
+        return denominator(c_, Vec::loadu(blk.v(a, j), count));
+      } else {
+        return Vec::loadu(d + blk.scratch(a, j), count);
+      }
+    };
     T* sum_z2 = groups_.data();  // ||z||^2, then the bound ||z||
     T* s1 = sum_z2 + nb_;        // sum q^2,    q_j = z_j r_j
     T* s2 = s1 + nb_;            // sum q^2 r,  r_j = d_j / (theta d_j + tau)
     T* theta = s2 + nb_;
     T* in_flight = theta + nb_;  // 1 for a group whose theta was just updated, else 0
 
-    // Pass 1: Adam, z and d into scratch, and the sums at theta = 0: ||z||^2, ||D z||^2 and
-    // sum (d z)^2 d (so s1 = ||D z||^2 / tau^2 and s2 = sum (d z)^2 d / tau^3).
+    // Pass 1: Adam, and the sums at theta = 0: ||z||^2, ||D z||^2 and sum (d z)^2 d (so that
+    // s1 = ||D z||^2 / tau^2 and s2 = sum (d z)^2 d / tau^3).
     over_rows<3>(0, nb_, {sum_z2, s1, s2}, [&](const Block<S>& blk, T* lanes, std::array<T*, 3> sums) {
       blk.template reduce<3>(0, nb_, lanes, sums, [&](int64_t a, int64_t j, int64_t count) {
         auto [zv, dv] = adam(c_, blk.p(a, j), blk.g(a, j), blk.m(a, j), blk.v(a, j), count);
-        zv.store(z + blk.scratch(a, j), count);
-        dv.store(d + blk.scratch(a, j), count);
+        if constexpr (kInPlace) {
+          zv.store(blk.p(a, j), count);
+        } else {
+          zv.store(z + blk.scratch(a, j), count);
+          dv.store(d + blk.scratch(a, j), count);
+        }
         auto dz = dv * zv;
         auto dz2 = dz * dz;
         return std::array<Vec, 3>{zv * zv, dz2, dz2 * dv};
@@ -411,35 +439,36 @@ class GroupProx {
       s2[b] /= tau2 * tau_;
     }
 
-    // Newton on phi(theta) = 1. Pass u writes x(theta_u) of every group in [g_lo, g_hi) into p
-    // (x = 0 for the groups left at theta = 0) and sums the terms of phi at theta_u, which the
-    // check after it needs; a group that passes keeps the x just written.
-    int64_t g_lo = 0, g_hi = nb_;  // the first pass writes every group
+    // Newton on phi(theta) = 1: each update's sums come from one pass over the span of the
+    // groups still in flight.
     int64_t moved = newton_step(s1, s2, sum_z2, theta, in_flight);
-    for (int update = 1;; ++update) {
+    for (int update = 1; moved > 0 && update < kNewtonMaxIter; ++update) {
+      int64_t g_lo = 0, g_hi = nb_;
+      while (in_flight[g_lo] == 0) ++g_lo;
+      while (in_flight[g_hi - 1] == 0) --g_hi;
       over_rows<2>(g_lo, g_hi, {s1, s2}, [&](const Block<S>& blk, T* lanes, std::array<T*, 2> sums) {
         T* theta_lanes = lanes + 2 * blk.lanes();
         blk.expand(theta, g_lo, g_hi, theta_lanes);
         blk.template reduce<2>(g_lo, g_hi, lanes, sums, [&](int64_t a, int64_t j, int64_t count) {
-          auto zv = Vec::loadu(z + blk.scratch(a, j), count);
-          auto dv = Vec::loadu(d + blk.scratch(a, j), count);
-          auto th = Vec::loadu(theta_lanes + j, count);
-          auto r = dv / at::vec::fmadd(th, dv, Vec(tau_));
-          auto q = zv * r;
-          store(blk.p(a, j), th * q, count);
+          auto dv = load_d(blk, a, j, count);
+          auto r = dv / at::vec::fmadd(Vec::loadu(theta_lanes + j, count), dv, Vec(tau_));
+          auto q = load_z(blk, a, j, count) * r;
           auto q2 = q * q;
           return std::array<Vec, 2>{q2, q2 * r};
         });
       });
-      // Done when no group moved, or after the last update allowed (its theta is final).
-      if (moved == 0 || update == kNewtonMaxIter) break;
       moved = newton_step(s1, s2, sum_z2, theta, in_flight);
-      if (moved == 0) break;
-      g_lo = 0;
-      while (in_flight[g_lo] == 0) ++g_lo;
-      g_hi = nb_;
-      while (in_flight[g_hi - 1] == 0) --g_hi;
     }
+
+    // x_j = theta z_j d_j / (theta d_j + tau): zero for the groups left at theta = 0.
+    over_rows<0>(0, 0, {}, [&](const Block<S>& blk, T* lanes, std::array<T*, 0>) {
+      blk.expand(theta, 0, nb_, lanes);
+      blk.for_each([&](int64_t a, int64_t j, int64_t count) {
+        auto dv = load_d(blk, a, j, count);
+        auto th = Vec::loadu(lanes + j, count);
+        store(blk.p(a, j), load_z(blk, a, j, count) * th * (dv / at::vec::fmadd(th, dv, Vec(tau_))), count);
+      });
+    });
   }
 
  private:
@@ -577,6 +606,7 @@ void group_prox_adam_cpu(at::TensorList params, at::TensorList grads, at::Tensor
     h.divide_grad = true;
   }
 
+  const int64_t threads = at::get_num_threads();
   std::vector<TensorStep> steps;
   std::vector<WorkItem> items;
   steps.reserve(n);
@@ -613,46 +643,38 @@ void group_prox_adam_cpu(at::TensorList params, at::TensorList grads, at::Tensor
     }
     const int64_t index = static_cast<int64_t>(steps.size());
     if (t.prox == Prox::kGroup || t.prox == Prox::kWeighted) {
-      // Strided (in-channel) groups: the whole tensor in memory order. Contiguous ones: tiles.
+      // Strided (in-channel) groups: the whole tensor, in memory order. Contiguous ones: tiles.
       const int64_t per_tile = t.A > 1 ? t.B : std::max<int64_t>(1, kTileElements / t.K);
       for (int64_t b = 0; b < t.B; b += per_tile) items.push_back({index, b, std::min(t.B, b + per_tile)});
     } else {
-      for (int64_t e = 0; e < t.numel; e += kChunkElements) {
-        items.push_back({index, e, std::min(t.numel, e + kChunkElements)});
-      }
+      const int64_t chunk = std::max(kChunkElements, (t.numel + threads - 1) / threads);
+      for (int64_t e = 0; e < t.numel; e += chunk) items.push_back({index, e, std::min(t.numel, e + chunk)});
     }
     steps.push_back(t);
   }
-  if (items.empty()) return;
 
-  // An item larger than a thread's share of the work runs on all threads, before the rest.
-  const int64_t threads = at::get_num_threads();
+  // Large in-channel tensors first, each by all threads at once, one row band per thread.
   const auto elements = [&](const WorkItem& item) {
     const TensorStep& t = steps[item.tensor];
     return t.prox == Prox::kGroup || t.prox == Prox::kWeighted ? item.size() * t.A * t.K : item.size();
   };
-  int64_t total = 0;
-  for (const WorkItem& item : items) total += elements(item);
-  std::vector<WorkItem> shared;
-  auto large = [&](const WorkItem& item) { return threads > 1 && elements(item) * threads > total; };
-  for (const WorkItem& item : items) {
-    if (large(item)) shared.push_back(item);
-  }
-  items.erase(std::remove_if(items.begin(), items.end(), large), items.end());
-  for (const WorkItem& item : shared) {
-    const TensorStep& t = steps[item.tensor];
-    const int64_t bands = std::clamp<int64_t>(elements(item) / kBandElements, 1, t.A);
-    dispatch_item(h, t, item, bands);
-  }
-
-  // Largest first, each thread taking the next item until none are left.
+  const auto cooperative = [&](const WorkItem& item) {
+    return threads > 1 && steps[item.tensor].A > 1 && elements(item) >= kCooperativeElements;
+  };
   std::stable_sort(items.begin(), items.end(),
                    [&](const WorkItem& x, const WorkItem& y) { return elements(x) > elements(y); });
+  const auto first_shared = std::stable_partition(items.begin(), items.end(), cooperative);
+  for (auto it = items.begin(); it != first_shared; ++it) {
+    dispatch_item(h, steps[it->tensor], *it, std::min(threads, steps[it->tensor].A));
+  }
+
+  // The rest largest first, each thread taking the next item until none are left.
+  const WorkItem* rest = items.data() + (first_shared - items.begin());
+  const int64_t num_rest = items.end() - first_shared;
   std::atomic<int64_t> next{0};
-  const int64_t num_items = static_cast<int64_t>(items.size());
-  at::parallel_for(0, std::min(threads, num_items), 1, [&](int64_t, int64_t) {
-    for (int64_t k = next.fetch_add(1); k < num_items; k = next.fetch_add(1)) {
-      dispatch_item(h, steps[items[k].tensor], items[k], 1);
+  at::parallel_for(0, std::min(threads, num_rest), 1, [&](int64_t, int64_t) {
+    for (int64_t k = next.fetch_add(1); k < num_rest; k = next.fetch_add(1)) {
+      dispatch_item(h, steps[rest[k].tensor], rest[k], 1);
     }
   });
 }
