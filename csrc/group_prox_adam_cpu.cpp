@@ -353,12 +353,13 @@ class GroupProx {
     for (int64_t a = 0; a < t.A; a += rows_per_band) {
       blocks_.emplace_back(t, a, std::min(t.A, a + rows_per_band), b0, b0 + nb_);
     }
-    groups_.resize(6 * nb_);
+    groups_.resize(5 * nb_);
   }
 
   void group() {
-    // z lives in p when p stores the compute type, else in scratch.
-    T* z = std::is_same_v<S, T> ? nullptr : sized(owner_scratch().z, t_.A * lanes_);
+    // z lives in p when p stores the compute type, else in the calling thread's scratch (which
+    // the row bands of a tensor run by all threads share).
+    T* z = std::is_same_v<S, T> ? nullptr : sized(Scratch<T>::get().z, t_.A * lanes_);
     auto z_at = [&](const Block<S>& blk, int64_t a, int64_t j) -> T* {
       if constexpr (std::is_same_v<S, T>) {
         return blk.p(a, j);
@@ -391,7 +392,7 @@ class GroupProx {
     // z lives in p and d is recomputed from v when p stores the compute type (v is then stored
     // exactly, and the same arithmetic gives the same d); 16-bit params keep both in scratch.
     constexpr bool kInPlace = std::is_same_v<S, T>;
-    auto& scratch = owner_scratch();
+    auto& scratch = Scratch<T>::get();
     T* z = kInPlace ? nullptr : sized(scratch.z, t_.A * lanes_);
     T* d = kInPlace ? nullptr : sized(scratch.d, t_.A * lanes_);
     auto load_z = [&](const Block<S>& blk, int64_t a, int64_t j, int64_t count) {
@@ -491,9 +492,6 @@ class GroupProx {
     return moved;
   }
 
-  // The scratch of the thread that owns the whole-tensor buffers (z, d).
-  static Scratch<T>& owner_scratch() { return Scratch<T>::get(); }
-
   // Runs f(block, lanes, sums) on every row band and adds the bands' sums[i][b] for b in
   // [g_lo, g_hi) into out[i][b] (set, not accumulated). `lanes` is the running thread's
   // scratch, large enough for three times the block's lanes.
@@ -527,7 +525,7 @@ class GroupProx {
   const T tau_;
   int64_t nb_, lanes_;
   std::vector<Block<S>> blocks_;
-  std::vector<T> groups_;     // per-group sums and Newton state
+  std::vector<T> groups_;     // [5, nb] per-group sums and Newton state
   std::vector<T> band_sums_;  // [bands, N, nb] sums of each row band
 };
 

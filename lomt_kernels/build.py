@@ -3,7 +3,9 @@
     python -m lomt_kernels.build          # the CPU kernel (about a minute)
     python -m lomt_kernels.build --cuda   # and the CUDA kernel (about two minutes; needs nvcc, not a GPU)
 
-The builds are cached under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``).
+The builds are cached under ``TORCH_EXTENSIONS_DIR`` (default
+``~/.cache/torch_extensions/<python>_<cuda>/``), where later processes load them without
+compiling; the command prints that directory. Exit status 1 if a build fails.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +31,10 @@ def main(argv: list[str] | None = None) -> int:
         except ExtensionUnavailable as exc:
             print(f"{name}: failed: {exc}", file=sys.stderr)
             return 1
-        print(f"{name}: ready in {time.perf_counter() - start:.0f} s ({getattr(result, '__file__', result)})")
+        library = Path(getattr(result, "__file__", result))
+        print(f"{name}: ready in {time.perf_counter() - start:.0f} s ({library})")
+    # Each build lives in its own directory of the cache: <cache>/<name>_<key>/<library>.
+    print(f"cache: {library.parent.parent}")
     return 0
 
 

@@ -65,7 +65,10 @@ def make_problem(seed: int = 0) -> tuple[list[Tensor], list[list[Tensor]]]:
         elif name == "transposed":
             x = x.t().contiguous().t()
         params.append(x)
-    grads = [[0.1 * torch.randn(shape, generator=gen, dtype=torch.float64) for _, shape in SHAPES] for _ in range(STEPS)]
+    grads = [
+        [0.1 * torch.randn(shape, generator=gen, dtype=torch.float64) for _, shape in SHAPES]
+        for _ in range(STEPS)
+    ]
     return params, grads
 
 
@@ -137,10 +140,10 @@ def test_float64_matches_reference(prox: str, grouping: str) -> None:
 @pytest.mark.parametrize("prox", PROXES)
 def test_float32_matches_float64_reference(prox: str, grouping: str) -> None:
     # float32 rounds each of the ~15 operations of a step to 2^-24 (6e-8) relative, so p, m and
-    # v drift from float64 by up to a few 1e-7 relative per step (measured: 2.5e-7 after 7 steps). The shrink's
-    # error is absolute (|z| tau/||z|| times the norm's 1e-7 relative error), hence the atol on
-    # the tensor's scale; the weighted prox also stops Newton at 1 - phi <= 1e-6 rather than
-    # 1e-12, which moves x by at most 1e-6 relative.
+    # v drift from float64 by a few 1e-7 relative per step (2.5e-7 after 7 steps measured). The
+    # shrink's error is absolute (|z| tau/||z|| times the norm's 1e-7 relative error), hence the
+    # atol on the tensor's scale; the weighted prox also stops Newton at 1 - phi <= 1e-6 rather
+    # than 1e-12, which moves x by at most 1e-6 relative.
     params, grads = make_problem()
     kwargs = dict(HYPER, lambda_=LAMBDAS[prox], prox=prox, grouping=grouping)
     params32 = [p.float() for p in params]
@@ -166,7 +169,8 @@ def test_half_precision_one_step(prox: str, grouping: str, dtype: torch.dtype) -
     gen = torch.Generator().manual_seed(1)
     state = (  # a warm Adam state, in the params' layouts
         [torch.empty_like(p).copy_(1e-2 * torch.randn(p.shape, generator=gen, dtype=p.dtype)) for p in params],
-        [torch.empty_like(p).copy_(1e-3 * torch.randn(p.shape, generator=gen, dtype=p.dtype)).square_() for p in params],
+        [torch.empty_like(p).copy_(1e-3 * torch.randn(p.shape, generator=gen, dtype=p.dtype)).square_()
+         for p in params],
         [torch.tensor(10.0) for _ in params],
     )
     low = [p.to(dtype) for p in params]
@@ -180,7 +184,8 @@ def test_half_precision_one_step(prox: str, grouping: str, dtype: torch.dtype) -
     for a_list, e_list in zip(actual, expected):
         for (name, _), a, e in zip(SHAPES, a_list, e_list):
             assert a.dtype == dtype
-            torch.testing.assert_close(a.float(), e.to(dtype).float(), rtol=finfo.eps, atol=finfo.smallest_normal * finfo.eps,
+            one_subnormal = finfo.smallest_normal * finfo.eps
+            torch.testing.assert_close(a.float(), e.to(dtype).float(), rtol=finfo.eps, atol=one_subnormal,
                                        msg=lambda m: f"{name}: {m}")
 
 
@@ -226,6 +231,30 @@ def test_large_groups_and_many_tiles(prox: str) -> None:
         for a_list, e_list in zip(actual, expected):
             for a, e in zip(a_list, e_list):
                 torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12 * float(e.abs().max()))
+
+
+@pytest.mark.parametrize("prox", ["group", "group_weighted"])
+def test_half_precision_large_tensor(prox: str) -> None:
+    """A bfloat16 tensor large enough to be split into row bands across threads, its z and d
+    held in one float32 scratch the bands share: one step, to one bfloat16 rounding."""
+    gen = torch.Generator().manual_seed(4)
+    shape = (300, 256, 1, 1)
+    scale = torch.empty(256, dtype=torch.float64).uniform_(0.05, 1.0, generator=gen)[:, None, None]
+    p = (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).bfloat16()
+    g = (0.1 * torch.randn(shape, generator=gen, dtype=torch.float64)).bfloat16()
+    # No weight decay: on bfloat16 data g + wd p can cancel exactly, and the kernel's fused
+    # multiply-add then leaves a ~1e-11 residue where the reference's rounded product gives 0.
+    # One step from zero state: per-element thresholds 0.2 (group) and ~0.25 / d (weighted, with
+    # d ~ |g| ~ 0.08) against channel scales in [0.05, 1] zero some groups.
+    lambda_ = {"group": 200.0, "group_weighted": 20.0}[prox]
+    kwargs = dict(HYPER, weight_decay=0.0, lambda_=lambda_, prox=prox, grouping="in_channel")
+    expected = run(reference.group_prox_adam, [p.float()], [[g.float()]], **kwargs)
+    actual = run(cpu.group_prox_adam, [p], [[g]], **kwargs)
+    eps = torch.finfo(torch.bfloat16).eps
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a[0].float(), e[0].bfloat16().float(), rtol=eps, atol=0.0)
+    zeros = zero_pattern(actual[0][0], prox, "in_channel")
+    assert zeros.any() and not zeros.all()
 
 
 def test_optimizer_cpu_backend_matches_torch_backend() -> None:

@@ -128,11 +128,10 @@ def _build_and_load(
 
 
 def _summary(exc: Exception) -> str:
-    """The compiler's first error lines in ``exc``'s message, or its first line."""
-    text = str(exc)
-    errors = [line.strip() for line in text.splitlines() if re.search(r"\berror\b", line, re.IGNORECASE)]
-    errors = [e for e in errors if not e.startswith(("FAILED:", "ninja: build stopped"))]
+    """The compiler's first diagnostics (``file:line:col: error: ...``) in ``exc``'s message, or
+    its first line (e.g. "Ninja is required to load C++ extensions")."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    errors = [line for line in lines if re.search(r":\s*(fatal )?error:", line)]
     if errors:
         return "; ".join(errors[:_MAX_ERROR_LINES])
-    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-    return first
+    return lines[0] if lines else type(exc).__name__

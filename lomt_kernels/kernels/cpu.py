@@ -1,10 +1,10 @@
-r"""The ``"cpu"`` backend: the proximal Adam step fused into one pass, in C++.
+r"""The ``"cpu"`` backend: the proximal Adam step fused per tensor, in C++.
 
-The kernel is ``csrc/group_prox_adam_cpu.cpp`` (its header comment gives the tile design),
-registered as the custom op ``torch.ops.lomt.group_prox_adam_cpu`` so ``torch.compile`` sees one
-opaque op that mutates params and state. The maths is
-:func:`lomt_kernels.reference.group_prox_adam`'s: float32, float16 and bfloat16 params compute in
-float32 and are rounded once on store, float64 params compute in float64. Per tensor:
+The kernel is ``csrc/group_prox_adam_cpu.cpp`` (its header comment gives the design and the
+measurements behind it), registered as the custom op ``torch.ops.lomt.group_prox_adam_cpu`` so
+``torch.compile`` sees one opaque op that mutates params and state. The maths is
+:func:`lomt_kernels.reference.group_prox_adam`'s: float32, float16 and bfloat16 params compute
+in float32 and are rounded once on store, float64 params compute in float64. Per tensor:
 
 .. math::
 
@@ -12,7 +12,8 @@ float32 and are rounded once on store, float64 params compute in float64. Per te
     d = \sqrt{v}/\sqrt{1-\beta_2^t} + \epsilon,\quad z = p - \frac{\mathrm{lr}}{1-\beta_1^t} m/d
 
 then ``p = prox(z)`` for the groups :func:`~lomt_kernels.grouping.group_layout` gives, with
-``tau = lr * lambda_ * sqrt(n_G)``.
+``tau = lr * lambda_ * sqrt(n_G)``. Plain Adam and ``l1`` take one pass over memory; a group
+prox takes one more (the rescale), and the weighted prox one more per Newton update.
 
 This module prepares the tensors: a param whose groups have no ``[A, B, K]`` layout in memory
 (e.g. a transposed weight), or whose grads or state have other strides, is stepped on contiguous
@@ -23,6 +24,7 @@ copies that are copied back. The extension is compiled on first use (about a min
 from __future__ import annotations
 
 import threading
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -56,11 +58,10 @@ def build() -> str:
     """
     global _loaded
     with _lock:
-        path = load_extension(EXTENSION_NAME, SOURCES, extra_cflags=compile_flags())
+        path = cast(str, load_extension(EXTENSION_NAME, SOURCES, extra_cflags=compile_flags()))
         if not _loaded:
             torch.library.register_fake("lomt::group_prox_adam_cpu")(_fake)
             _loaded = True
-    assert isinstance(path, str)
     return path
 
 
@@ -114,7 +115,7 @@ def group_prox_adam(
     if not _loaded:
         build()
     work_p, work_g, work_m, work_v, steps, proxes, layouts = [], [], [], [], [], [], []
-    copies: list[tuple[Tensor, Tensor]] = []  # (original, the copy the kernel stepped)
+    copies: list[tuple[Tensor, Tensor]] = []  # (original, the copy the kernel steps)
     for i, (p, g, m, v, step) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, state_steps)):
         if p.numel() == 0:
             continue
@@ -128,15 +129,14 @@ def group_prox_adam(
         grouped = tensor_prox in ("group", "group_weighted")
         layout = group_layout(p, grouping) if grouped else None
         if (grouped and layout is None) or not _is_dense(p):
-            work = p.contiguous()
-            copies.append((p, work))
-            p = work
+            p_work = p.contiguous()
+            copies.append((p, p_work))
+            p = p_work
             layout = group_layout(p, grouping) if grouped else None
-        g = _like(p, g)
         m_work, v_work = _like(p, m), _like(p, v)
-        copies += [(t, work) for t, work in ((m, m_work), (v, v_work)) if work is not t]
+        copies += [(state, copy) for state, copy in ((m, m_work), (v, v_work)) if copy is not state]
         work_p.append(p)
-        work_g.append(g)
+        work_g.append(_like(p, g))
         work_m.append(m_work)
         work_v.append(v_work)
         steps.append(step)
