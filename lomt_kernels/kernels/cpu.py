@@ -29,8 +29,8 @@ from typing import cast
 import torch
 from torch import Tensor
 
-from ..grouping import group_layout, is_grouped
 from ._extension import ExtensionUnavailable, load_extension
+from .prepare import HALF_AND_FLOAT, work_tensors, write_back
 
 EXTENSION_NAME = "group_prox_adam_cpu"
 SOURCES = ("group_prox_adam_cpu.cpp",)
@@ -82,11 +82,6 @@ def unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def _is_dense(t: Tensor) -> bool:
-    """Whether ``t``'s storage is exactly its elements, in an order the kernel can walk."""
-    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
-
-
 def group_prox_adam(
     params: list[Tensor],
     grads: list[Tensor],
@@ -114,47 +109,22 @@ def group_prox_adam(
     """
     if not _loaded:
         build()
-    work_p, work_g, work_m, work_v, steps, proxes, layouts = [], [], [], [], [], [], []
-    copies: list[tuple[Tensor, Tensor]] = []  # (original, the copy the kernel steps)
-    for i, (p, g, m, v, step) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, state_steps)):
-        if p.numel() == 0:
-            continue
-        if not (g.dtype == m.dtype == v.dtype == p.dtype):
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g.dtype != p.dtype:
             raise TypeError(
-                f"backend 'cpu' needs grads and Adam state in the param's dtype; tensor {i} has a "
-                f"{p.dtype} param, {g.dtype} grad, {m.dtype} exp_avg and {v.dtype} exp_avg_sq "
-                f"(backend='torch' takes mixed dtypes)"
+                f"backend 'cpu' needs grads in the param's dtype; tensor {i} has a {p.dtype} param and a "
+                f"{g.dtype} grad (backend='torch' takes mixed dtypes)"
             )
-        tensor_prox = prox if prox != "none" and lambda_ != 0 and is_grouped(p) else "none"
-        grouped = tensor_prox in ("group", "group_weighted")
-        layout = group_layout(p, grouping) if grouped else None
-        if (grouped and layout is None) or not _is_dense(p):
-            p_work = p.contiguous()
-            copies.append((p, p_work))
-            p = p_work
-            layout = group_layout(p, grouping) if grouped else None
-        m_work, v_work = _like(p, m), _like(p, v)
-        copies += [(state, copy) for state, copy in ((m, m_work), (v, v_work)) if copy is not state]
-        work_p.append(p)
-        work_g.append(_like(p, g))
-        work_m.append(m_work)
-        work_v.append(v_work)
-        steps.append(step)
-        proxes.append(tensor_prox)
-        layouts.extend(layout if layout is not None else (1, 1, p.numel()))
-    if not work_p:
-        return
-    torch.ops.lomt.group_prox_adam_cpu(
-        work_p, work_g, work_m, work_v, steps, proxes, layouts, lr, beta1, beta2, eps,
-        weight_decay, decoupled_weight_decay, maximize, lambda_, grad_scale,
+    works = work_tensors(
+        params, grads, exp_avgs, exp_avg_sqs, prox=prox, lambda_=lambda_, grouping=grouping,
+        dtypes=(*HALF_AND_FLOAT, torch.float64),
     )
-    for original, work in copies:
-        original.copy_(work)
-
-
-def _like(p: Tensor, t: Tensor) -> Tensor:
-    """``t`` itself if it has ``p``'s strides, else a copy with them (the kernel reads all four
-    tensors at the same storage offsets)."""
-    if t.stride() == p.stride():
-        return t
-    return torch.empty_like(p).copy_(t)
+    if not works:
+        return
+    items = list(works.values())
+    torch.ops.lomt.group_prox_adam_cpu(
+        [w.p for w in items], [w.g for w in items], [w.m for w in items], [w.v for w in items],
+        [state_steps[i] for i in works], [w.prox for w in items], [n for w in items for n in w.layout],
+        lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize, lambda_, grad_scale,
+    )
+    write_back(params, exp_avgs, exp_avg_sqs, works)
