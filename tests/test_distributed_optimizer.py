@@ -3,7 +3,7 @@
 Each spawned run does all its cases at once (starting two processes costs most of the time),
 and rank 0 writes full tensors (``DTensor.full_tensor()``) for the test process to compare.
 The processes meet through a file store in ``tmp_path`` (no port to pick), every collective
-times out after ``PG_TIMEOUT``, and a run that outlives ``RUN_TIMEOUT`` is killed.
+times out after ``PG_TIMEOUT``, and a run that outlives ``spawned.DEFAULT_TIMEOUT`` is killed.
 
 Tolerance: float64 throughout. The sharded step differs from the unsharded one only in how
 sums are added up: a group's norm from two all-reduced partial sums instead of one
@@ -19,21 +19,20 @@ from __future__ import annotations
 
 import copy
 import datetime
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from lomt_kernels import FusedGroupProxAdam
 from lomt_kernels.grouping import GROUPINGS, PROXES, as_groups
 
+import spawned
+
 WORLD = 2
 PG_TIMEOUT = datetime.timedelta(seconds=30)
-RUN_TIMEOUT = 55.0
 STEPS = 3
 LR, LAMBDA = 1e-2, 3.0  # groups with entries around 1 survive; groups around 1e-2 go to zero
 RTOL, ATOL = 1e-10, 1e-12
@@ -44,21 +43,6 @@ if not dist.is_available():  # pragma: no cover - builds without torch.distribut
 
 
 # ---------------------------------------------------------------------------------- harness
-
-
-def _spawn(worker, *args, nprocs: int = WORLD) -> None:
-    """Run ``worker(rank, *args)`` in ``nprocs`` processes; kill them all on error or timeout."""
-    context = mp.start_processes(worker, args=args, nprocs=nprocs, join=False, start_method="spawn")
-    deadline = time.monotonic() + RUN_TIMEOUT
-    try:
-        while not context.join(timeout=1.0, grace_period=5.0):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{worker.__name__} did not finish in {RUN_TIMEOUT} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-                process.join()
 
 
 def _init(rank: int, init_file: str, world: int = WORLD):
@@ -187,7 +171,7 @@ def _partial_grads_run(mesh) -> dict:
 def placement_results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("placements")
     out = tmp / "results.pt"
-    _spawn(_placements_worker, str(tmp / "init"), str(out))
+    spawned.run(_placements_worker, str(tmp / "init"), str(out), nprocs=WORLD)
     return torch.load(out)
 
 
@@ -319,7 +303,7 @@ def _amp_run(mesh, rank: int) -> dict:
 def fsdp_results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp")
     out = tmp / "results.pt"
-    _spawn(_fsdp_worker, str(tmp / "init"), str(out))
+    spawned.run(_fsdp_worker, str(tmp / "init"), str(out), nprocs=WORLD)
     return torch.load(out)
 
 
@@ -437,7 +421,7 @@ def _checkpoint_worker(rank: int, init_file: str, ckpt: str, out: str) -> None:
 @pytest.fixture(scope="module")
 def checkpoint_dir(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("checkpoint")
-    _spawn(_checkpoint_worker, str(tmp / "init"), str(tmp / "ckpt"), str(tmp / "results.pt"))
+    spawned.run(_checkpoint_worker, str(tmp / "init"), str(tmp / "ckpt"), str(tmp / "results.pt"), nprocs=WORLD)
     return tmp
 
 
@@ -533,5 +517,5 @@ def test_dcp_checkpoint_reshards_to_one_process(checkpoint_dir, checkpoint_resul
     """The two-rank checkpoint resumed on one rank (DCP reshards the DTensor moments): the
     same training as on two (tolerance as for the sharded steps: other summation orders)."""
     out = tmp_path / "resharded.pt"
-    _spawn(_reshard_worker, str(tmp_path / "init"), str(checkpoint_dir / "ckpt"), str(out), nprocs=1)
+    spawned.run(_reshard_worker, str(tmp_path / "init"), str(checkpoint_dir / "ckpt"), str(out), nprocs=1)
     _assert_same_state(torch.load(out), checkpoint_results["straight"], rtol=RTOL, atol=ATOL)

@@ -8,7 +8,6 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from lomt_kernels import FusedGroupProxAdam, prox_param_groups
@@ -16,6 +15,8 @@ from lomt_train.losses import build_weighting
 from lomt_train.models import build_model
 from lomt_train.tasks import resolve_tasks
 from lomt_train.trainer import Objective, train_step
+
+import spawned
 
 STEPS, GLOBAL_BATCH = 2, 4
 
@@ -73,7 +74,7 @@ def test_two_ddp_steps_equal_single_process_steps(tmp_path):
     are summation order in the all-reduce, so the parameters agree to 1e-10.
     """
     out = tmp_path / "ddp.pt"
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    spawned.run(_ddp_worker, 2, str(tmp_path / "init"), str(out), nprocs=2)
 
     objective, optimizer = _objective()
     for batch in _batches():
