@@ -72,9 +72,7 @@ using at::vec::Vectorized;
 
 // Out-channel tiles hold about this many elements: z (256 KiB in float) stays in L2 for pass 2.
 constexpr int64_t kTileElements = 1 << 16;
-// Elementwise tensors are cut into at least this many elements per item (else one per thread).
-constexpr int64_t kChunkElements = 1 << 15;
-// In-channel tensors from this size up are run by all threads at once, in row bands.
+// Elementwise and in-channel tensors from this size up are run by all threads at once.
 constexpr int64_t kCooperativeElements = 1 << 16;
 // Groups with at least this many contiguous elements (K) are summed segment by segment;
 // shorter ones through per-lane partial sums.
@@ -125,7 +123,7 @@ struct WorkItem {
 // --- loads and stores in the compute type -----------------------------------------------
 
 template <typename T, typename S>
-inline Vectorized<T> load(const S* ptr, int64_t count) {
+C10_ALWAYS_INLINE Vectorized<T> load(const S* ptr, int64_t count) {
   if constexpr (std::is_same_v<S, T>) {
     return Vectorized<T>::loadu(ptr, count);
   } else {
@@ -137,7 +135,7 @@ inline Vectorized<T> load(const S* ptr, int64_t count) {
 }
 
 template <typename T, typename S>
-inline void store(S* ptr, const Vectorized<T>& x, int64_t count) {
+C10_ALWAYS_INLINE void store(S* ptr, const Vectorized<T>& x, int64_t count) {
   if constexpr (std::is_same_v<S, T>) {
     x.store(ptr, count);
   } else {
@@ -150,7 +148,7 @@ inline void store(S* ptr, const Vectorized<T>& x, int64_t count) {
 // Calls f(i, count) over [begin, end) a vector at a time: full vectors (count a constant the
 // compiler folds into f), then one partial vector.
 template <typename T, class F>
-inline void for_vectors(int64_t begin, int64_t end, F&& f) {
+C10_ALWAYS_INLINE void for_vectors(int64_t begin, int64_t end, F&& f) {
   constexpr int64_t kVec = Vectorized<T>::size();
   int64_t i = begin;
   for (; i + kVec <= end; i += kVec) f(i, kVec);
@@ -194,13 +192,13 @@ struct AdamResult {
 
 // Adam's denominator d = sqrt(v) / sqrt(1 - beta2^t) + eps.
 template <typename T>
-inline Vectorized<T> denominator(const AdamConstants<T>& c, const Vectorized<T>& exp_avg_sq) {
+C10_ALWAYS_INLINE Vectorized<T> denominator(const AdamConstants<T>& c, const Vectorized<T>& exp_avg_sq) {
   return exp_avg_sq.sqrt() * c.inv_bc2_sqrt + c.eps;
 }
 
 // Updates m and v for `count` elements and returns z = p - s m / d and d; p is not written.
 template <typename T, typename S>
-inline AdamResult<T> adam(const AdamConstants<T>& c, const S* p, const S* g, S* m, S* v,
+C10_ALWAYS_INLINE AdamResult<T> adam(const AdamConstants<T>& c, const S* p, const S* g, S* m, S* v,
                           int64_t count) {
   auto x = load<T>(p, count);
   auto grad = load<T>(g, count);
@@ -264,27 +262,39 @@ class Block {
         offset_(b0 * t.K), segments_(t.K >= kSegmentMinLength), p_(static_cast<S*>(t.p)),
         g_(static_cast<const S*>(t.g)), m_(static_cast<S*>(t.m)), v_(static_cast<S*>(t.v)) {}
 
-  int64_t lanes() const { return L_; }
-  S* p(int64_t a, int64_t j) const { return p_ + a * row_stride_ + offset_ + j; }
-  const S* g(int64_t a, int64_t j) const { return g_ + a * row_stride_ + offset_ + j; }
-  S* m(int64_t a, int64_t j) const { return m_ + a * row_stride_ + offset_ + j; }
-  S* v(int64_t a, int64_t j) const { return v_ + a * row_stride_ + offset_ + j; }
-  int64_t scratch(int64_t a, int64_t j) const { return a * L_ + j; }
+  // Lane 0 of row a in each tensor and in the scratch. The loops hand rows to their callbacks
+  // as local values: a vector store may alias any memory, so pointers read from the block's
+  // members would be reloaded after every store.
+  struct Row {
+    S* p;
+    const S* g;
+    S* m;
+    S* v;
+    int64_t scratch;
+  };
 
-  // Calls f(a, j, count) -> std::array<Vec, N> for every vector of lanes [g_lo K, g_hi K) of
+  int64_t lanes() const { return L_; }
+  Row row(int64_t a) const {
+    const int64_t offset = a * row_stride_ + offset_;
+    return {p_ + offset, g_ + offset, m_ + offset, v_ + offset, a * L_};
+  }
+
+  // Calls f(row, j, count) -> std::array<Vec, N> for every vector of lanes [g_lo K, g_hi K) of
   // every row, and sets sums[i][b] (b in [g_lo, g_hi)) to the sum over the rows and over the
   // K lanes of group b of the i-th returned vector. Lanes past `count` in f's results are
   // ignored. `lanes` is scratch for N L values.
   template <int N, class F>
-  void reduce(int64_t g_lo, int64_t g_hi, T* lanes, const std::array<T*, N>& sums, F&& f) const {
+  C10_ALWAYS_INLINE void reduce(int64_t g_lo, int64_t g_hi, T* lanes, const std::array<T*, N>& sums, F&& f) const {
+    const int64_t K = K_, L = L_;
     if (segments_) {
       for (int i = 0; i < N; ++i) std::fill(sums[i] + g_lo, sums[i] + g_hi, T(0));
       for (int64_t a = a0_; a < a1_; ++a) {
+        const Row r = row(a);
         for (int64_t b = g_lo; b < g_hi; ++b) {
           std::array<Vec, N> acc;
           acc.fill(Vec(T(0)));
-          for_vectors<T>(b * K_, (b + 1) * K_, [&](int64_t j, int64_t count) {
-            auto terms = f(a, j, count);
+          for_vectors<T>(b * K, (b + 1) * K, [&](int64_t j, int64_t count) {
+            auto terms = f(r, j, count);
             for (int i = 0; i < N; ++i) {
               acc[i] = acc[i] + (count == kVec ? terms[i] : Vec::set(Vec(T(0)), terms[i], count));
             }
@@ -296,29 +306,37 @@ class Block {
       }
       return;
     }
-    const int64_t j_lo = g_lo * K_, j_hi = g_hi * K_;
-    for (int i = 0; i < N; ++i) std::fill(lanes + i * L_ + j_lo, lanes + i * L_ + j_hi, T(0));
+    const int64_t j_lo = g_lo * K, j_hi = g_hi * K;
+    for (int i = 0; i < N; ++i) std::fill(lanes + i * L + j_lo, lanes + i * L + j_hi, T(0));
     for (int64_t a = a0_; a < a1_; ++a) {
+      const Row r = row(a);
       for_vectors<T>(j_lo, j_hi, [&](int64_t j, int64_t count) {
-        auto terms = f(a, j, count);
+        auto terms = f(r, j, count);
         for (int i = 0; i < N; ++i) {
-          T* acc = lanes + i * L_ + j;
+          T* acc = lanes + i * L + j;
           (Vec::loadu(acc, count) + terms[i]).store(acc, count);
         }
       });
     }
     for (int i = 0; i < N; ++i) {
       for (int64_t b = g_lo; b < g_hi; ++b) {
-        const T* acc = lanes + i * L_ + b * K_;
-        sums[i][b] = std::accumulate(acc, acc + K_, T(0));
+        const T* acc = lanes + i * L + b * K;
+        sums[i][b] = std::accumulate(acc, acc + K, T(0));
       }
     }
   }
 
-  // Calls f(a, j, count) for every vector of lanes [0, L) of every row, in address order.
+  // Calls f(row, j, count) for every vector of lanes [0, L) of every row, in reverse address
+  // order: it follows a forward pass, so the lines that pass touched last, the likeliest to be
+  // still in cache, come first.
   template <class F>
-  void for_each(F&& f) const {
-    for (int64_t a = a0_; a < a1_; ++a) for_vectors<T>(0, L_, [&](int64_t j, int64_t n) { f(a, j, n); });
+  C10_ALWAYS_INLINE void for_each_backwards(F&& f) const {
+    const int64_t tail = L_ % kVec, full = L_ - tail;
+    for (int64_t a = a1_ - 1; a >= a0_; --a) {
+      const Row r = row(a);
+      if (tail != 0) f(r, full, tail);
+      for (int64_t j = full - kVec; j >= 0; j -= kVec) f(r, j, kVec);
+    }
   }
 
   // lanes[j] = per_group[j / K] for j in [g_lo K, g_hi K).
@@ -345,6 +363,7 @@ class GroupProx {
  public:
   using T = at::opmath_type<S>;
   using Vec = Vectorized<T>;
+  using Row = typename Block<S>::Row;
 
   GroupProx(const Hyper& h, const TensorStep& t, int64_t b0, int64_t b1, int64_t bands)
       : t_(t), c_(h, t), tau_(static_cast<T>(t.threshold)), nb_(b1 - b0),
@@ -356,22 +375,22 @@ class GroupProx {
     groups_.resize(5 * nb_);
   }
 
+  // Each pass below runs one callback per row band (through at::parallel_for). Its hot loop
+  // uses only values local to that callback (constants, pointers, Rows), with every helper
+  // inlined: a vector store may alias any memory, so a value read through a member or a
+  // captured reference would be reloaded after every store.
+
   void group() {
     // z lives in p when p stores the compute type, else in the calling thread's scratch (which
     // the row bands of a tensor run by all threads share).
-    T* z = std::is_same_v<S, T> ? nullptr : sized(Scratch<T>::get().z, t_.A * lanes_);
-    auto z_at = [&](const Block<S>& blk, int64_t a, int64_t j) -> T* {
-      if constexpr (std::is_same_v<S, T>) {
-        return blk.p(a, j);
-      } else {
-        return z + blk.scratch(a, j);
-      }
-    };
+    T* const z = kInPlace ? nullptr : sized(Scratch<T>::get().z, t_.A * lanes_);
     T* sum_sq = groups_.data();
     over_rows<1>(0, nb_, {sum_sq}, [&](const Block<S>& blk, T* lanes, std::array<T*, 1> sums) {
-      blk.template reduce<1>(0, nb_, lanes, sums, [&](int64_t a, int64_t j, int64_t count) {
-        auto [zv, d] = adam(c_, blk.p(a, j), blk.g(a, j), blk.m(a, j), blk.v(a, j), count);
-        store(z_at(blk, a, j), zv, count);
+      const AdamConstants<T> c = c_;
+      T* const zs = z;
+      blk.template reduce<1>(0, nb_, lanes, sums, [&](const Row& r, int64_t j, int64_t count) {
+        auto [zv, d] = adam(c, r.p + j, r.g + j, r.m + j, r.v + j, count);
+        store(z_at(zs, r, j), zv, count);
         return std::array<Vec, 1>{zv * zv};
       });
     });
@@ -381,9 +400,10 @@ class GroupProx {
       scale[b] = norm > tau_ ? T(1) - tau_ / norm : T(0);
     }
     over_rows<0>(0, 0, {}, [&](const Block<S>& blk, T* lanes, std::array<T*, 0>) {
+      T* const zs = z;
       blk.expand(scale, 0, nb_, lanes);
-      blk.for_each([&](int64_t a, int64_t j, int64_t count) {
-        store(blk.p(a, j), Vec::loadu(z_at(blk, a, j), count) * Vec::loadu(lanes + j, count), count);
+      blk.for_each_backwards([&](const Row& r, int64_t j, int64_t count) {
+        store(r.p + j, Vec::loadu(z_at(zs, r, j), count) * Vec::loadu(lanes + j, count), count);
       });
     });
   }
@@ -391,24 +411,9 @@ class GroupProx {
   void weighted() {
     // z lives in p and d is recomputed from v when p stores the compute type (v is then stored
     // exactly, and the same arithmetic gives the same d); 16-bit params keep both in scratch.
-    constexpr bool kInPlace = std::is_same_v<S, T>;
     auto& scratch = Scratch<T>::get();
-    T* z = kInPlace ? nullptr : sized(scratch.z, t_.A * lanes_);
-    T* d = kInPlace ? nullptr : sized(scratch.d, t_.A * lanes_);
-    auto load_z = [&](const Block<S>& blk, int64_t a, int64_t j, int64_t count) {
-      if constexpr (kInPlace) {
-        return Vec::loadu(blk.p(a, j), count);
-      } else {
-        return Vec::loadu(z + blk.scratch(a, j), count);
-      }
-    };
-    auto load_d = [&](const Block<S>& blk, int64_t a, int64_t j, int64_t count) {
-      if constexpr (kInPlace) {
-        return denominator(c_, Vec::loadu(blk.v(a, j), count));
-      } else {
-        return Vec::loadu(d + blk.scratch(a, j), count);
-      }
-    };
+    T* const z = kInPlace ? nullptr : sized(scratch.z, t_.A * lanes_);
+    T* const d = kInPlace ? nullptr : sized(scratch.d, t_.A * lanes_);
     T* sum_z2 = groups_.data();  // ||z||^2, then the bound ||z||
     T* s1 = sum_z2 + nb_;        // sum q^2,    q_j = z_j r_j
     T* s2 = s1 + nb_;            // sum q^2 r,  r_j = d_j / (theta d_j + tau)
@@ -418,13 +423,16 @@ class GroupProx {
     // Pass 1: Adam, and the sums at theta = 0: ||z||^2, ||D z||^2 and sum (d z)^2 d (so that
     // s1 = ||D z||^2 / tau^2 and s2 = sum (d z)^2 d / tau^3).
     over_rows<3>(0, nb_, {sum_z2, s1, s2}, [&](const Block<S>& blk, T* lanes, std::array<T*, 3> sums) {
-      blk.template reduce<3>(0, nb_, lanes, sums, [&](int64_t a, int64_t j, int64_t count) {
-        auto [zv, dv] = adam(c_, blk.p(a, j), blk.g(a, j), blk.m(a, j), blk.v(a, j), count);
+      const AdamConstants<T> c = c_;
+      T* const zs = z;
+      T* const ds = d;
+      blk.template reduce<3>(0, nb_, lanes, sums, [&](const Row& r, int64_t j, int64_t count) {
+        auto [zv, dv] = adam(c, r.p + j, r.g + j, r.m + j, r.v + j, count);
         if constexpr (kInPlace) {
-          zv.store(blk.p(a, j), count);
+          zv.store(r.p + j, count);
         } else {
-          zv.store(z + blk.scratch(a, j), count);
-          dv.store(d + blk.scratch(a, j), count);
+          zv.store(zs + r.scratch + j, count);
+          dv.store(ds + r.scratch + j, count);
         }
         auto dz = dv * zv;
         auto dz2 = dz * dz;
@@ -448,14 +456,18 @@ class GroupProx {
       while (in_flight[g_lo] == 0) ++g_lo;
       while (in_flight[g_hi - 1] == 0) --g_hi;
       over_rows<2>(g_lo, g_hi, {s1, s2}, [&](const Block<S>& blk, T* lanes, std::array<T*, 2> sums) {
+        const AdamConstants<T> c = c_;
+        const Vec tau(tau_);
+        T* const zs = z;
+        T* const ds = d;
         T* theta_lanes = lanes + 2 * blk.lanes();
         blk.expand(theta, g_lo, g_hi, theta_lanes);
-        blk.template reduce<2>(g_lo, g_hi, lanes, sums, [&](int64_t a, int64_t j, int64_t count) {
-          auto dv = load_d(blk, a, j, count);
-          auto r = dv / at::vec::fmadd(Vec::loadu(theta_lanes + j, count), dv, Vec(tau_));
-          auto q = load_z(blk, a, j, count) * r;
+        blk.template reduce<2>(g_lo, g_hi, lanes, sums, [&](const Row& r, int64_t j, int64_t count) {
+          auto dv = load_d(c, ds, r, j, count);
+          auto ratio = dv / at::vec::fmadd(Vec::loadu(theta_lanes + j, count), dv, tau);
+          auto q = load_z(zs, r, j, count) * ratio;
           auto q2 = q * q;
-          return std::array<Vec, 2>{q2, q2 * r};
+          return std::array<Vec, 2>{q2, q2 * ratio};
         });
       });
       moved = newton_step(s1, s2, sum_z2, theta, in_flight);
@@ -463,21 +475,58 @@ class GroupProx {
 
     // x_j = theta z_j d_j / (theta d_j + tau): zero for the groups left at theta = 0.
     over_rows<0>(0, 0, {}, [&](const Block<S>& blk, T* lanes, std::array<T*, 0>) {
+      const AdamConstants<T> c = c_;
+      const Vec tau(tau_);
+      T* const zs = z;
+      T* const ds = d;
       blk.expand(theta, 0, nb_, lanes);
-      blk.for_each([&](int64_t a, int64_t j, int64_t count) {
-        auto dv = load_d(blk, a, j, count);
+      blk.for_each_backwards([&](const Row& r, int64_t j, int64_t count) {
+        auto dv = load_d(c, ds, r, j, count);
         auto th = Vec::loadu(lanes + j, count);
-        store(blk.p(a, j), load_z(blk, a, j, count) * th * (dv / at::vec::fmadd(th, dv, Vec(tau_))), count);
+        store(r.p + j, load_z(zs, r, j, count) * th * (dv / at::vec::fmadd(th, dv, tau)), count);
       });
     });
   }
 
  private:
-  // The Newton step of every group in flight, from the sums at its theta: a group whose
-  // 1 - phi <= rtol is done, the others move theta on (and stay in flight). Returns how many moved.
+  static constexpr bool kInPlace = std::is_same_v<S, T>;
+
+  // Where lane j of row r keeps z: in p itself, or in the scratch z.
+  static C10_ALWAYS_INLINE T* z_at(T* z, const Row& r, int64_t j) {
+    if constexpr (kInPlace) {
+      return r.p + j;
+    } else {
+      return z + r.scratch + j;
+    }
+  }
+
+  static C10_ALWAYS_INLINE Vec load_z(const T* z, const Row& r, int64_t j, int64_t count) {
+    if constexpr (kInPlace) {
+      return Vec::loadu(r.p + j, count);
+    } else {
+      return Vec::loadu(z + r.scratch + j, count);
+    }
+  }
+
+  // d of lane j of row r: recomputed from v in place, else from the scratch d.
+  static C10_ALWAYS_INLINE Vec load_d(const AdamConstants<T>& c, const T* d, const Row& r, int64_t j,
+                                      int64_t count) {
+    if constexpr (kInPlace) {
+      return denominator(c, Vec::loadu(r.v + j, count));
+    } else {
+      return Vec::loadu(d + r.scratch + j, count);
+    }
+  }
+
+  // The Newton step of every group in flight, from the sums at its theta. A group whose
+  // 1 - phi <= rtol is done. One whose 1 - phi <= sqrt(rtol) takes its update and is done too:
+  // the iteration converges quadratically, so that update lands within rtol without another
+  // pass over the tensor to confirm it. The others move theta on and stay in flight. Returns
+  // how many stay in flight.
   int64_t newton_step(const T* s1, const T* s2, const T* upper, T* theta, T* in_flight) const {
     const T rtol = std::is_same_v<T, double> ? T(1e-12) : T(1e-6);
-    int64_t moved = 0;
+    const T last_step = std::is_same_v<T, double> ? T(1e-6) : T(1e-3);
+    int64_t in_flight_count = 0;
     for (int64_t b = 0; b < nb_; ++b) {
       if (in_flight[b] == 0) continue;
       const T phi = T(1) / std::sqrt(s1[b]);
@@ -487,9 +536,13 @@ class GroupProx {
       }
       const T dphi = s2[b] * phi * phi * phi;
       theta[b] = std::max(std::min(theta[b] + (T(1) - phi) / dphi, upper[b]), T(0));
-      ++moved;
+      if (T(1) - phi <= last_step) {
+        in_flight[b] = 0;
+      } else {
+        ++in_flight_count;
+      }
     }
-    return moved;
+    return in_flight_count;
   }
 
   // Runs f(block, lanes, sums) on every row band and adds the bands' sums[i][b] for b in
@@ -550,15 +603,28 @@ void run_item(const Hyper& h, const TensorStep& t, const WorkItem& item, int64_t
   S* m = static_cast<S*>(t.m);
   S* v = static_cast<S*>(t.v);
   const Vec threshold(static_cast<T>(t.threshold));
-  if (t.prox == Prox::kL1) {
-    for_vectors<T>(item.begin, item.end, [&](int64_t i, int64_t count) {
-      store(p + i, soft_threshold(adam(c, p + i, g + i, m + i, v + i, count).z, threshold), count);
-    });
-  } else {
-    for_vectors<T>(item.begin, item.end, [&](int64_t i, int64_t count) {
-      store(p + i, adam(c, p + i, g + i, m + i, v + i, count).z, count);
-    });
+  const auto run = [&](int64_t begin, int64_t end) {
+    if (t.prox == Prox::kL1) {
+      for_vectors<T>(begin, end, [&](int64_t i, int64_t count) {
+        store(p + i, soft_threshold(adam(c, p + i, g + i, m + i, v + i, count).z, threshold), count);
+      });
+    } else {
+      for_vectors<T>(begin, end, [&](int64_t i, int64_t count) {
+        store(p + i, adam(c, p + i, g + i, m + i, v + i, count).z, count);
+      });
+    }
+  };
+  if (bands == 1) {
+    run(item.begin, item.end);
+    return;
   }
+  // One contiguous piece per thread, whole vectors except the last.
+  const int64_t piece = (item.size() + bands * Vec::size() - 1) / (bands * Vec::size()) * Vec::size();
+  at::parallel_for(0, bands, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      run(std::min(item.end, item.begin + k * piece), std::min(item.end, item.begin + (k + 1) * piece));
+    }
+  });
 }
 
 void dispatch_item(const Hyper& h, const TensorStep& t, const WorkItem& item, int64_t bands) {
@@ -645,25 +711,29 @@ void group_prox_adam_cpu(at::TensorList params, at::TensorList grads, at::Tensor
       const int64_t per_tile = t.A > 1 ? t.B : std::max<int64_t>(1, kTileElements / t.K);
       for (int64_t b = 0; b < t.B; b += per_tile) items.push_back({index, b, std::min(t.B, b + per_tile)});
     } else {
-      const int64_t chunk = std::max(kChunkElements, (t.numel + threads - 1) / threads);
-      for (int64_t e = 0; e < t.numel; e += chunk) items.push_back({index, e, std::min(t.numel, e + chunk)});
+      items.push_back({index, 0, t.numel});
     }
     steps.push_back(t);
   }
 
-  // Large in-channel tensors first, each by all threads at once, one row band per thread.
+  // Large elementwise and in-channel tensors first, each by all threads at once: one contiguous
+  // piece (row band) per thread.
+  const auto grouped = [&](const WorkItem& item) {
+    return steps[item.tensor].prox == Prox::kGroup || steps[item.tensor].prox == Prox::kWeighted;
+  };
   const auto elements = [&](const WorkItem& item) {
     const TensorStep& t = steps[item.tensor];
-    return t.prox == Prox::kGroup || t.prox == Prox::kWeighted ? item.size() * t.A * t.K : item.size();
+    return grouped(item) ? item.size() * t.A * t.K : item.size();
   };
   const auto cooperative = [&](const WorkItem& item) {
-    return threads > 1 && steps[item.tensor].A > 1 && elements(item) >= kCooperativeElements;
+    return threads > 1 && (!grouped(item) || steps[item.tensor].A > 1) && elements(item) >= kCooperativeElements;
   };
   std::stable_sort(items.begin(), items.end(),
                    [&](const WorkItem& x, const WorkItem& y) { return elements(x) > elements(y); });
   const auto first_shared = std::stable_partition(items.begin(), items.end(), cooperative);
   for (auto it = items.begin(); it != first_shared; ++it) {
-    dispatch_item(h, steps[it->tensor], *it, std::min(threads, steps[it->tensor].A));
+    const int64_t rows = grouped(*it) ? steps[it->tensor].A : it->size();
+    dispatch_item(h, steps[it->tensor], *it, std::min(threads, rows));
   }
 
   // The rest largest first, each thread taking the next item until none are left.
