@@ -17,35 +17,42 @@
 //                      ||D z_G|| <= tau, else x_j = theta z_j d_j / (theta d_j + tau) with theta
 //                      the root of phi(theta) = (sum_j (z_j d_j / (theta d_j + tau))^2)^(-1/2) = 1,
 //                      found by Newton's method from 0, clamped to [0, ||z_G||], stopped when
-//                      1 - phi <= rtol (1e-6 in float, 1e-12 in double) or after 30 updates.
+//                      1 - phi <= rtol (1e-6 in float, 1e-12 in double), one update after
+//                      1 - phi <= sqrt(rtol), or after 30 updates.
 //
 // with tau = lr lambda sqrt(n_G). A tensor's storage is read as a dense [A, B, K] array whose
 // group b is [:, b, :] (lomt_kernels.grouping.GroupLayout), so n_G = A K.
 //
-// Memory order. Measured on the 2-core Zen 4 machine this was tuned on: a core streams memory in
-// address order at ~46 GB/s but reads a strided pattern (runs of 0.1-9 KiB at a fixed stride)
-// at 35-60% of that, with or without software prefetch, and a column tile of a tensor with
-// short rows (a 1x1 conv: 2048 rows of 2 KiB) touches more pages than the TLB holds. The two
-// cores together reach ~56 GB/s, which torch.optim.Adam(fused=True) already uses: the step is
-// bound by bytes moved. So every pass walks storage in address order:
+// Memory order. Measured on the 2-core Zen 4 machine this was tuned on: the cores stream memory
+// in address order at 45-70 GB/s together (it varies with the host's load), which
+// torch.optim.Adam(fused=True) already uses, while a strided pattern (a column tile of a
+// tensor: runs of 0.1-9 KiB at a fixed stride) reaches 50-70% of that. So every pass walks
+// storage in address order:
 //
 // * Elementwise tensors (plain Adam, l1): one pass, 28 bytes per float32 param.
 // * Out-channel groups (A = 1) are contiguous: the tensor is cut into tiles of whole groups
 //   small enough that z is still in L2 for the rescale, so memory sees the same 28 bytes.
 // * In-channel groups (A > 1) are strided (group b is a run of K elements in every row). Pass 1
 //   is the Adam update over whole rows, writing z into p and adding each lane's z^2 into per-lane
-//   sums one row long, reduced over each group's K lanes at the end; pass 2 rescales z in place.
-//   Pass 2 re-reads z, from cache for small tensors and from memory for large ones: up to 36
-//   bytes per param. The weighted prox makes one more pass per Newton update (mostly 3), each
-//   reading z from p and v (d = sqrt(v)/c + eps is recomputed with pass 1's exact arithmetic;
-//   16-bit params keep z and d in a float scratch instead).
+//   sums one row long, reduced over each group's K lanes at the end; pass 2 rescales z in place,
+//   backwards, so that it starts with the lines pass 1 touched last, the likeliest to be still
+//   cached. It re-reads z from cache for small tensors and mostly from memory for large ones:
+//   up to 36 bytes per param.
+// * The weighted prox keeps d in a float scratch (recomputing it costs a square root per
+//   element per pass), and makes one pass over z and d per Newton update (mostly 2), adding
+//   two rows' terms in registers before the per-lane sums. An update taken from
+//   1 - phi <= sqrt(rtol) ends the iteration without a pass to confirm it (see newton_step).
+//
+// Code generation. A vector store may alias any memory, so the hot loops read constants and
+// pointers only from locals of the per-band callback, with every helper inlined; a value read
+// through a member or a captured reference would be reloaded after every store (measured: 10-15%
+// of the group prox's time).
 //
 // Parallelism. Two threads streaming the two halves of one tensor get more bandwidth than two
-// threads streaming two different tensors (measured: the same bytes took ~1.5x the thread
-// time). So an in-channel tensor of at least kCooperativeElements is run by all threads at
-// once, each pass split into one contiguous row band per thread, the bands' group sums added
-// up between passes; everything else (smaller tensors, tiles, halves of elementwise tensors)
-// is handed out largest first from a shared counter.
+// threads streaming two different tensors. So a tensor of at least kCooperativeElements (plain
+// or in-channel) is run by all threads at once, each pass split into one contiguous piece (row
+// band) per thread, the bands' group sums added up between passes; everything else (smaller
+// tensors, out-channel tiles) is handed out largest first from a shared counter.
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -73,10 +80,13 @@ using at::vec::Vectorized;
 // Out-channel tiles hold about this many elements: z (256 KiB in float) stays in L2 for pass 2.
 constexpr int64_t kTileElements = 1 << 16;
 // Elementwise and in-channel tensors from this size up are run by all threads at once.
-constexpr int64_t kCooperativeElements = 1 << 16;
+constexpr int64_t kCooperativeElements = 1 << 19;
 // Groups with at least this many contiguous elements (K) are summed segment by segment;
 // shorter ones through per-lane partial sums.
 constexpr int64_t kSegmentMinLength = 64;
+// Rows whose terms the weighted prox's passes add up in registers before adding them to the
+// per-lane sums (the group prox's single sum gains nothing from it).
+constexpr int kWeightedRows = 2;
 // Newton updates allowed per group (lomt_kernels.reference.WEIGHTED_PROX_MAX_ITER).
 constexpr int kNewtonMaxIter = 30;
 
@@ -283,7 +293,7 @@ class Block {
   // every row, and sets sums[i][b] (b in [g_lo, g_hi)) to the sum over the rows and over the
   // K lanes of group b of the i-th returned vector. Lanes past `count` in f's results are
   // ignored. `lanes` is scratch for N L values.
-  template <int N, class F>
+  template <int N, int kRows, class F>
   C10_ALWAYS_INLINE void reduce(int64_t g_lo, int64_t g_hi, T* lanes, const std::array<T*, N>& sums, F&& f) const {
     const int64_t K = K_, L = L_;
     if (segments_) {
@@ -308,7 +318,24 @@ class Block {
     }
     const int64_t j_lo = g_lo * K, j_hi = g_hi * K;
     for (int i = 0; i < N; ++i) std::fill(lanes + i * L + j_lo, lanes + i * L + j_hi, T(0));
-    for (int64_t a = a0_; a < a1_; ++a) {
+    // kRows rows at a time: their terms are added up in registers before the per-lane sums are.
+    int64_t a = a0_;
+    for (; a + kRows <= a1_; a += kRows) {
+      std::array<Row, kRows> rows;
+      for (int k = 0; k < kRows; ++k) rows[k] = row(a + k);
+      for_vectors<T>(j_lo, j_hi, [&](int64_t j, int64_t count) {
+        auto terms = f(rows[0], j, count);
+        for (int k = 1; k < kRows; ++k) {
+          auto more = f(rows[k], j, count);
+          for (int i = 0; i < N; ++i) terms[i] = terms[i] + more[i];
+        }
+        for (int i = 0; i < N; ++i) {
+          T* acc = lanes + i * L + j;
+          (Vec::loadu(acc, count) + terms[i]).store(acc, count);
+        }
+      });
+    }
+    for (; a < a1_; ++a) {
       const Row r = row(a);
       for_vectors<T>(j_lo, j_hi, [&](int64_t j, int64_t count) {
         auto terms = f(r, j, count);
@@ -388,7 +415,7 @@ class GroupProx {
     over_rows<1>(0, nb_, {sum_sq}, [&](const Block<S>& blk, T* lanes, std::array<T*, 1> sums) {
       const AdamConstants<T> c = c_;
       T* const zs = z;
-      blk.template reduce<1>(0, nb_, lanes, sums, [&](const Row& r, int64_t j, int64_t count) {
+      blk.template reduce<1, 1>(0, nb_, lanes, sums, [&](const Row& r, int64_t j, int64_t count) {
         auto [zv, d] = adam(c, r.p + j, r.g + j, r.m + j, r.v + j, count);
         store(z_at(zs, r, j), zv, count);
         return std::array<Vec, 1>{zv * zv};
@@ -409,11 +436,11 @@ class GroupProx {
   }
 
   void weighted() {
-    // z lives in p and d is recomputed from v when p stores the compute type (v is then stored
-    // exactly, and the same arithmetic gives the same d); 16-bit params keep both in scratch.
+    // z lives in p when p stores the compute type, else in scratch; d always lives in scratch
+    // (recomputing it from v would cost a square root per element in every pass).
     auto& scratch = Scratch<T>::get();
     T* const z = kInPlace ? nullptr : sized(scratch.z, t_.A * lanes_);
-    T* const d = kInPlace ? nullptr : sized(scratch.d, t_.A * lanes_);
+    T* const d = sized(scratch.d, t_.A * lanes_);
     T* sum_z2 = groups_.data();  // ||z||^2, then the bound ||z||
     T* s1 = sum_z2 + nb_;        // sum q^2,    q_j = z_j r_j
     T* s2 = s1 + nb_;            // sum q^2 r,  r_j = d_j / (theta d_j + tau)
@@ -426,14 +453,10 @@ class GroupProx {
       const AdamConstants<T> c = c_;
       T* const zs = z;
       T* const ds = d;
-      blk.template reduce<3>(0, nb_, lanes, sums, [&](const Row& r, int64_t j, int64_t count) {
+      blk.template reduce<3, kWeightedRows>(0, nb_, lanes, sums, [&](const Row& r, int64_t j, int64_t count) {
         auto [zv, dv] = adam(c, r.p + j, r.g + j, r.m + j, r.v + j, count);
-        if constexpr (kInPlace) {
-          zv.store(r.p + j, count);
-        } else {
-          zv.store(zs + r.scratch + j, count);
-          dv.store(ds + r.scratch + j, count);
-        }
+        zv.store(z_at(zs, r, j), count);
+        dv.store(ds + r.scratch + j, count);
         auto dz = dv * zv;
         auto dz2 = dz * dz;
         return std::array<Vec, 3>{zv * zv, dz2, dz2 * dv};
@@ -456,14 +479,13 @@ class GroupProx {
       while (in_flight[g_lo] == 0) ++g_lo;
       while (in_flight[g_hi - 1] == 0) --g_hi;
       over_rows<2>(g_lo, g_hi, {s1, s2}, [&](const Block<S>& blk, T* lanes, std::array<T*, 2> sums) {
-        const AdamConstants<T> c = c_;
         const Vec tau(tau_);
         T* const zs = z;
         T* const ds = d;
         T* theta_lanes = lanes + 2 * blk.lanes();
         blk.expand(theta, g_lo, g_hi, theta_lanes);
-        blk.template reduce<2>(g_lo, g_hi, lanes, sums, [&](const Row& r, int64_t j, int64_t count) {
-          auto dv = load_d(c, ds, r, j, count);
+        blk.template reduce<2, kWeightedRows>(g_lo, g_hi, lanes, sums, [&](const Row& r, int64_t j, int64_t count) {
+          auto dv = Vec::loadu(ds + r.scratch + j, count);
           auto ratio = dv / at::vec::fmadd(Vec::loadu(theta_lanes + j, count), dv, tau);
           auto q = load_z(zs, r, j, count) * ratio;
           auto q2 = q * q;
@@ -475,13 +497,12 @@ class GroupProx {
 
     // x_j = theta z_j d_j / (theta d_j + tau): zero for the groups left at theta = 0.
     over_rows<0>(0, 0, {}, [&](const Block<S>& blk, T* lanes, std::array<T*, 0>) {
-      const AdamConstants<T> c = c_;
       const Vec tau(tau_);
       T* const zs = z;
       T* const ds = d;
       blk.expand(theta, 0, nb_, lanes);
       blk.for_each_backwards([&](const Row& r, int64_t j, int64_t count) {
-        auto dv = load_d(c, ds, r, j, count);
+        auto dv = Vec::loadu(ds + r.scratch + j, count);
         auto th = Vec::loadu(lanes + j, count);
         store(r.p + j, load_z(zs, r, j, count) * th * (dv / at::vec::fmadd(th, dv, tau)), count);
       });
@@ -505,16 +526,6 @@ class GroupProx {
       return Vec::loadu(r.p + j, count);
     } else {
       return Vec::loadu(z + r.scratch + j, count);
-    }
-  }
-
-  // d of lane j of row r: recomputed from v in place, else from the scratch d.
-  static C10_ALWAYS_INLINE Vec load_d(const AdamConstants<T>& c, const T* d, const Row& r, int64_t j,
-                                      int64_t count) {
-    if constexpr (kInPlace) {
-      return denominator(c, Vec::loadu(r.v + j, count));
-    } else {
-      return Vec::loadu(d + r.scratch + j, count);
     }
   }
 

@@ -213,12 +213,19 @@ def test_hyperparameters_match_reference(prox: str, variant: dict) -> None:
         assert_all_close(a, e, rtol=1e-10, atol_factor=1e-12)
 
 
-@pytest.mark.parametrize("prox", ["group", "group_weighted"])
+#: Tensors from this many elements up are stepped by all threads at once, one row band (or
+#: contiguous piece) each: the C++ kernel's kCooperativeElements.
+COOPERATIVE_ELEMENTS = 1 << 19
+
+
+@pytest.mark.parametrize("prox", ["group", "group_weighted", "l1"])
 def test_large_groups_and_many_tiles(prox: str) -> None:
-    """Groups longer than a tile's target (one group per tile) and tensors cut into many tiles,
-    with an out-channel K that is not a multiple of the vector width."""
+    """Groups longer than a tile's target (one group per tile), tensors cut into many tiles, with
+    an out-channel K that is not a multiple of the vector width, and a tensor large enough for
+    all threads to step it at once (in row bands for in-channel groups, in pieces for l1)."""
     gen = torch.Generator().manual_seed(3)
-    shapes = [(70_000, 3), (3, 70_001), (256, 300, 1, 1)]
+    shapes = [(180_000, 3), (3, 70_001), (256, 300, 1, 1)]
+    assert math.prod(shapes[0]) >= COOPERATIVE_ELEMENTS
     scale = lambda n: torch.empty(n, dtype=torch.float64).uniform_(0.01, 1.0, generator=gen)  # noqa: E731
     params = [torch.randn(shapes[0], generator=gen, dtype=torch.float64) * scale(3),
               torch.randn(shapes[1], generator=gen, dtype=torch.float64) * scale(3)[:, None],
@@ -238,7 +245,8 @@ def test_half_precision_large_tensor(prox: str) -> None:
     """A bfloat16 tensor large enough to be split into row bands across threads, its z and d
     held in one float32 scratch the bands share: one step, to one bfloat16 rounding."""
     gen = torch.Generator().manual_seed(4)
-    shape = (300, 256, 1, 1)
+    shape = (2100, 256, 1, 1)
+    assert math.prod(shape) >= COOPERATIVE_ELEMENTS
     scale = torch.empty(256, dtype=torch.float64).uniform_(0.05, 1.0, generator=gen)[:, None, None]
     p = (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).bfloat16()
     g = (0.1 * torch.randn(shape, generator=gen, dtype=torch.float64)).bfloat16()
