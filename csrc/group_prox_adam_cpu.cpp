@@ -595,10 +595,30 @@ class GroupProx {
 
 // --- work items ---------------------------------------------------------------------------
 
+// The elementwise step (plain Adam or l1) of elements [begin, end) of one tensor. Everything the
+// loop reads is a local of this function (see "Code generation" above).
+template <typename S>
+void elementwise(const Hyper& h, const TensorStep& t, int64_t begin, int64_t end) {
+  using T = at::opmath_type<S>;
+  const AdamConstants<T> c(h, t);
+  S* const p = static_cast<S*>(t.p);
+  const S* const g = static_cast<const S*>(t.g);
+  S* const m = static_cast<S*>(t.m);
+  S* const v = static_cast<S*>(t.v);
+  const Vectorized<T> threshold(static_cast<T>(t.threshold));
+  if (t.prox == Prox::kL1) {
+    for_vectors<T>(begin, end, [&](int64_t i, int64_t count) {
+      store(p + i, soft_threshold(adam(c, p + i, g + i, m + i, v + i, count).z, threshold), count);
+    });
+  } else {
+    for_vectors<T>(begin, end, [&](int64_t i, int64_t count) {
+      store(p + i, adam(c, p + i, g + i, m + i, v + i, count).z, count);
+    });
+  }
+}
+
 template <typename S>
 void run_item(const Hyper& h, const TensorStep& t, const WorkItem& item, int64_t bands) {
-  using T = at::opmath_type<S>;
-  using Vec = Vectorized<T>;
   if (t.prox == Prox::kGroup || t.prox == Prox::kWeighted) {
     GroupProx<S> prox(h, t, item.begin, item.end, bands);
     if (t.prox == Prox::kGroup) {
@@ -608,32 +628,16 @@ void run_item(const Hyper& h, const TensorStep& t, const WorkItem& item, int64_t
     }
     return;
   }
-  const AdamConstants<T> c(h, t);
-  S* p = static_cast<S*>(t.p);
-  const S* g = static_cast<const S*>(t.g);
-  S* m = static_cast<S*>(t.m);
-  S* v = static_cast<S*>(t.v);
-  const Vec threshold(static_cast<T>(t.threshold));
-  const auto run = [&](int64_t begin, int64_t end) {
-    if (t.prox == Prox::kL1) {
-      for_vectors<T>(begin, end, [&](int64_t i, int64_t count) {
-        store(p + i, soft_threshold(adam(c, p + i, g + i, m + i, v + i, count).z, threshold), count);
-      });
-    } else {
-      for_vectors<T>(begin, end, [&](int64_t i, int64_t count) {
-        store(p + i, adam(c, p + i, g + i, m + i, v + i, count).z, count);
-      });
-    }
-  };
   if (bands == 1) {
-    run(item.begin, item.end);
+    elementwise<S>(h, t, item.begin, item.end);
     return;
   }
   // One contiguous piece per thread, whole vectors except the last.
-  const int64_t piece = (item.size() + bands * Vec::size() - 1) / (bands * Vec::size()) * Vec::size();
+  constexpr int64_t kVec = Vectorized<at::opmath_type<S>>::size();
+  const int64_t piece = (item.size() + bands * kVec - 1) / (bands * kVec) * kVec;
   at::parallel_for(0, bands, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
-      run(std::min(item.end, item.begin + k * piece), std::min(item.end, item.begin + (k + 1) * piece));
+      elementwise<S>(h, t, std::min(item.end, item.begin + k * piece), std::min(item.end, item.begin + (k + 1) * piece));
     }
   });
 }
