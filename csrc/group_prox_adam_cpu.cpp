@@ -318,6 +318,12 @@ class Block {
     }
     const int64_t j_lo = g_lo * K, j_hi = g_hi * K;
     for (int i = 0; i < N; ++i) std::fill(lanes + i * L + j_lo, lanes + i * L + j_hi, T(0));
+    const auto add_to_lanes = [&](int64_t j, int64_t count, const std::array<Vec, N>& terms) {
+      for (int i = 0; i < N; ++i) {
+        T* acc = lanes + i * L + j;
+        (Vec::loadu(acc, count) + terms[i]).store(acc, count);
+      }
+    };
     // kRows rows at a time: their terms are added up in registers before the per-lane sums are.
     int64_t a = a0_;
     for (; a + kRows <= a1_; a += kRows) {
@@ -329,21 +335,12 @@ class Block {
           auto more = f(rows[k], j, count);
           for (int i = 0; i < N; ++i) terms[i] = terms[i] + more[i];
         }
-        for (int i = 0; i < N; ++i) {
-          T* acc = lanes + i * L + j;
-          (Vec::loadu(acc, count) + terms[i]).store(acc, count);
-        }
+        add_to_lanes(j, count, terms);
       });
     }
     for (; a < a1_; ++a) {
       const Row r = row(a);
-      for_vectors<T>(j_lo, j_hi, [&](int64_t j, int64_t count) {
-        auto terms = f(r, j, count);
-        for (int i = 0; i < N; ++i) {
-          T* acc = lanes + i * L + j;
-          (Vec::loadu(acc, count) + terms[i]).store(acc, count);
-        }
-      });
+      for_vectors<T>(j_lo, j_hi, [&](int64_t j, int64_t count) { add_to_lanes(j, count, f(r, j, count)); });
     }
     for (int i = 0; i < N; ++i) {
       for (int64_t b = g_lo; b < g_hi; ++b) {
