@@ -39,20 +39,21 @@
 //   cached. It re-reads z from cache for small tensors and mostly from memory for large ones:
 //   up to 36 bytes per param.
 // * The weighted prox keeps d in a float scratch (recomputing it costs a square root per
-//   element per pass), and makes one pass over z and d per Newton update (mostly 2), adding
-//   two rows' terms in registers before the per-lane sums. An update taken from
-//   1 - phi <= sqrt(rtol) ends the iteration without a pass to confirm it (see newton_step).
+//   element per pass), and makes one pass over z and d per Newton update (mostly 2). An update
+//   taken from 1 - phi <= sqrt(rtol) ends the iteration without a pass to confirm it (see
+//   newton_step).
 //
 // Code generation. A vector store may alias any memory, so the hot loops read constants and
 // pointers only from locals of the per-band callback, with every helper inlined; a value read
-// through a member or a captured reference would be reloaded after every store (measured: 10-15%
-// of the group prox's time).
+// through a member or a captured reference would be reloaded after every store (measured on one
+// thread: 10-15% of the group prox's time).
 //
-// Parallelism. Two threads streaming the two halves of one tensor get more bandwidth than two
-// threads streaming two different tensors. So a tensor of at least kCooperativeElements (plain
-// or in-channel) is run by all threads at once, each pass split into one contiguous piece (row
-// band) per thread, the bands' group sums added up between passes; everything else (smaller
-// tensors, out-channel tiles) is handed out largest first from a shared counter.
+// Parallelism (at::parallel_for, so the extension is built with -fopenmp). A tensor of at least
+// kCooperativeElements (plain or in-channel) is run by all threads at once, each pass split into
+// one contiguous piece (row band) per thread, the bands' group sums added up between passes, so
+// that one large tensor never leaves the other threads idle; everything else (smaller tensors,
+// out-channel tiles) is handed out largest first from a shared counter. On the ResNet-50 set
+// the two schemes measure the same; the first is what keeps a model with few large tensors busy.
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -84,9 +85,6 @@ constexpr int64_t kCooperativeElements = 1 << 19;
 // Groups with at least this many contiguous elements (K) are summed segment by segment;
 // shorter ones through per-lane partial sums.
 constexpr int64_t kSegmentMinLength = 64;
-// Rows whose terms the weighted prox's passes add up in registers before adding them to the
-// per-lane sums (the group prox's single sum gains nothing from it).
-constexpr int kWeightedRows = 2;
 // Newton updates allowed per group (lomt_kernels.reference.WEIGHTED_PROX_MAX_ITER).
 constexpr int kNewtonMaxIter = 30;
 
@@ -240,7 +238,7 @@ inline Vectorized<T> soft_threshold(const Vectorized<T>& z, const Vectorized<T>&
 template <typename T>
 struct Scratch {
   std::vector<T> z;      // z of the tile (or tensor) when it cannot live in p
-  std::vector<T> d;      // its Adam denominators (weighted prox of 16-bit params)
+  std::vector<T> d;      // its Adam denominators (weighted prox)
   std::vector<T> lanes;  // per-lane partial sums, then per-lane theta or scale
 
   static Scratch& get() {
@@ -293,7 +291,7 @@ class Block {
   // every row, and sets sums[i][b] (b in [g_lo, g_hi)) to the sum over the rows and over the
   // K lanes of group b of the i-th returned vector. Lanes past `count` in f's results are
   // ignored. `lanes` is scratch for N L values.
-  template <int N, int kRows, class F>
+  template <int N, class F>
   C10_ALWAYS_INLINE void reduce(int64_t g_lo, int64_t g_hi, T* lanes, const std::array<T*, N>& sums, F&& f) const {
     const int64_t K = K_, L = L_;
     if (segments_) {
@@ -318,29 +316,15 @@ class Block {
     }
     const int64_t j_lo = g_lo * K, j_hi = g_hi * K;
     for (int i = 0; i < N; ++i) std::fill(lanes + i * L + j_lo, lanes + i * L + j_hi, T(0));
-    const auto add_to_lanes = [&](int64_t j, int64_t count, const std::array<Vec, N>& terms) {
-      for (int i = 0; i < N; ++i) {
-        T* acc = lanes + i * L + j;
-        (Vec::loadu(acc, count) + terms[i]).store(acc, count);
-      }
-    };
-    // kRows rows at a time: their terms are added up in registers before the per-lane sums are.
-    int64_t a = a0_;
-    for (; a + kRows <= a1_; a += kRows) {
-      std::array<Row, kRows> rows;
-      for (int k = 0; k < kRows; ++k) rows[k] = row(a + k);
-      for_vectors<T>(j_lo, j_hi, [&](int64_t j, int64_t count) {
-        auto terms = f(rows[0], j, count);
-        for (int k = 1; k < kRows; ++k) {
-          auto more = f(rows[k], j, count);
-          for (int i = 0; i < N; ++i) terms[i] = terms[i] + more[i];
-        }
-        add_to_lanes(j, count, terms);
-      });
-    }
-    for (; a < a1_; ++a) {
+    for (int64_t a = a0_; a < a1_; ++a) {
       const Row r = row(a);
-      for_vectors<T>(j_lo, j_hi, [&](int64_t j, int64_t count) { add_to_lanes(j, count, f(r, j, count)); });
+      for_vectors<T>(j_lo, j_hi, [&](int64_t j, int64_t count) {
+        auto terms = f(r, j, count);
+        for (int i = 0; i < N; ++i) {
+          T* acc = lanes + i * L + j;
+          (Vec::loadu(acc, count) + terms[i]).store(acc, count);
+        }
+      });
     }
     for (int i = 0; i < N; ++i) {
       for (int64_t b = g_lo; b < g_hi; ++b) {
@@ -412,7 +396,7 @@ class GroupProx {
     over_rows<1>(0, nb_, {sum_sq}, [&](const Block<S>& blk, T* lanes, std::array<T*, 1> sums) {
       const AdamConstants<T> c = c_;
       T* const zs = z;
-      blk.template reduce<1, 1>(0, nb_, lanes, sums, [&](const Row& r, int64_t j, int64_t count) {
+      blk.template reduce<1>(0, nb_, lanes, sums, [&](const Row& r, int64_t j, int64_t count) {
         auto [zv, d] = adam(c, r.p + j, r.g + j, r.m + j, r.v + j, count);
         store(z_at(zs, r, j), zv, count);
         return std::array<Vec, 1>{zv * zv};
@@ -450,7 +434,7 @@ class GroupProx {
       const AdamConstants<T> c = c_;
       T* const zs = z;
       T* const ds = d;
-      blk.template reduce<3, kWeightedRows>(0, nb_, lanes, sums, [&](const Row& r, int64_t j, int64_t count) {
+      blk.template reduce<3>(0, nb_, lanes, sums, [&](const Row& r, int64_t j, int64_t count) {
         auto [zv, dv] = adam(c, r.p + j, r.g + j, r.m + j, r.v + j, count);
         zv.store(z_at(zs, r, j), count);
         dv.store(ds + r.scratch + j, count);
@@ -481,7 +465,7 @@ class GroupProx {
         T* const ds = d;
         T* theta_lanes = lanes + 2 * blk.lanes();
         blk.expand(theta, g_lo, g_hi, theta_lanes);
-        blk.template reduce<2, kWeightedRows>(g_lo, g_hi, lanes, sums, [&](const Row& r, int64_t j, int64_t count) {
+        blk.template reduce<2>(g_lo, g_hi, lanes, sums, [&](const Row& r, int64_t j, int64_t count) {
           auto dv = Vec::loadu(ds + r.scratch + j, count);
           auto ratio = dv / at::vec::fmadd(Vec::loadu(theta_lanes + j, count), dv, tau);
           auto q = load_z(zs, r, j, count) * ratio;

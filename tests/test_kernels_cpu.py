@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import math
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -338,3 +340,16 @@ def test_build_failure_is_a_reason(tmp_path, monkeypatch, capfd) -> None:
     assert err.count(f"lomt_kernels: compiling {name}") == 1, err
     with pytest.raises(ExtensionUnavailable, match="missing"):
         load_extension(f"{name}_missing", [str(tmp_path / "absent.cpp")])
+
+
+@pytest.mark.skipif(not torch.backends.openmp.is_available(), reason="torch is built without OpenMP")
+@pytest.mark.skipif(shutil.which("nm") is None, reason="needs binutils' nm")
+def test_kernel_is_built_to_run_on_openmp_threads() -> None:
+    """``at::parallel_for`` is a header template: compiled without ``-fopenmp`` its pragma is
+    dropped and every "parallel" loop of the kernel runs on the calling thread alone, silently.
+    The built library must call into libgomp."""
+    symbols = subprocess.run(
+        ["nm", "-D", "--undefined-only", cpu.build()], capture_output=True, text=True, check=True
+    ).stdout
+    assert "GOMP_parallel" in symbols
+

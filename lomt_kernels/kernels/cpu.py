@@ -36,9 +36,19 @@ EXTENSION_NAME = "group_prox_adam_cpu"
 SOURCES = ("group_prox_adam_cpu.cpp",)
 
 
+def openmp_flags() -> list[str]:
+    """``-fopenmp`` where torch runs its intra-op threads on OpenMP.
+
+    ``at::parallel_for`` is a header template: compiled without ``-fopenmp`` its
+    ``#pragma omp parallel`` is dropped and every "parallel" loop of the kernel runs on the
+    calling thread alone. Linked with it, the extension uses the ``libgomp`` torch has loaded.
+    """
+    return ["-fopenmp"] if torch.backends.openmp.is_available() else []
+
+
 def compile_flags() -> list[str]:
     """Optimised for this machine's CPU, with ATen's vectors at its widest supported ISA."""
-    flags = ["-O3", "-march=native", "-fno-math-errno"]
+    flags = ["-O3", "-march=native", "-fno-math-errno", *openmp_flags()]
     capability = torch.backends.cpu.get_cpu_capability()
     if capability in ("AVX512", "AVX2"):
         flags.append(f"-DCPU_CAPABILITY_{capability}")
@@ -58,7 +68,9 @@ def build() -> str:
     """
     global _loaded
     with _lock:
-        path = cast(str, load_extension(EXTENSION_NAME, SOURCES, extra_cflags=compile_flags()))
+        path = cast(str, load_extension(
+            EXTENSION_NAME, SOURCES, extra_cflags=compile_flags(), extra_ldflags=openmp_flags()
+        ))
         if not _loaded:
             torch.library.register_fake("lomt::group_prox_adam_cpu")(_fake)
             _loaded = True
