@@ -270,9 +270,8 @@ class Block {
         offset_(b0 * t.K), segments_(t.K >= kSegmentMinLength), p_(static_cast<S*>(t.p)),
         g_(static_cast<const S*>(t.g)), m_(static_cast<S*>(t.m)), v_(static_cast<S*>(t.v)) {}
 
-  // Lane 0 of row a in each tensor and in the scratch. The loops hand rows to their callbacks
-  // as local values: a vector store may alias any memory, so pointers read from the block's
-  // members would be reloaded after every store.
+  // Lane 0 of row a in each tensor and in the scratch, handed to the loops' callbacks as a local
+  // value (see "Code generation" at the top).
   struct Row {
     S* p;
     const S* g;
@@ -383,10 +382,8 @@ class GroupProx {
     groups_.resize(5 * nb_);
   }
 
-  // Each pass below runs one callback per row band (through at::parallel_for). Its hot loop
-  // uses only values local to that callback (constants, pointers, Rows), with every helper
-  // inlined: a vector store may alias any memory, so a value read through a member or a
-  // captured reference would be reloaded after every store.
+  // Each pass below runs one callback per row band (through at::parallel_for), which copies
+  // what its hot loop reads into locals (see "Code generation" at the top).
 
   void group() {
     // z lives in p when p stores the compute type, else in the calling thread's scratch (which
@@ -468,7 +465,7 @@ class GroupProx {
         blk.template reduce<2>(g_lo, g_hi, lanes, sums, [&](const Row& r, int64_t j, int64_t count) {
           auto dv = Vec::loadu(ds + r.scratch + j, count);
           auto ratio = dv / at::vec::fmadd(Vec::loadu(theta_lanes + j, count), dv, tau);
-          auto q = load_z(zs, r, j, count) * ratio;
+          auto q = Vec::loadu(z_at(zs, r, j), count) * ratio;
           auto q2 = q * q;
           return std::array<Vec, 2>{q2, q2 * ratio};
         });
@@ -485,7 +482,7 @@ class GroupProx {
       blk.for_each_backwards([&](const Row& r, int64_t j, int64_t count) {
         auto dv = Vec::loadu(ds + r.scratch + j, count);
         auto th = Vec::loadu(lanes + j, count);
-        store(r.p + j, load_z(zs, r, j, count) * th * (dv / at::vec::fmadd(th, dv, tau)), count);
+        store(r.p + j, Vec::loadu(z_at(zs, r, j), count) * th * (dv / at::vec::fmadd(th, dv, tau)), count);
       });
     });
   }
@@ -499,14 +496,6 @@ class GroupProx {
       return r.p + j;
     } else {
       return z + r.scratch + j;
-    }
-  }
-
-  static C10_ALWAYS_INLINE Vec load_z(const T* z, const Row& r, int64_t j, int64_t count) {
-    if constexpr (kInPlace) {
-      return Vec::loadu(r.p + j, count);
-    } else {
-      return Vec::loadu(z + r.scratch + j, count);
     }
   }
 
