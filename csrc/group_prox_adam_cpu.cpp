@@ -16,9 +16,9 @@
 //   "group_weighted":  p_G = argmin_x 1/2 ||x - z_G||^2_D + tau ||x||, D = diag(d_G): zero iff
 //                      ||D z_G|| <= tau, else x_j = theta z_j d_j / (theta d_j + tau) with theta
 //                      the root of phi(theta) = (sum_j (z_j d_j / (theta d_j + tau))^2)^(-1/2) = 1,
-//                      found by Newton's method from 0, clamped to [0, ||z_G||], stopped when
-//                      1 - phi <= rtol (1e-6 in float, 1e-12 in double), one update after
-//                      1 - phi <= sqrt(rtol), or after 30 updates.
+//                      found by Newton's method from 0 (the first step in closed form),
+//                      clamped at 0, stopped when 1 - phi <= rtol (1e-6 in float, 1e-12 in
+//                      double), one update after 1 - phi <= sqrt(rtol), or after 30 updates.
 //
 // with tau = lr lambda sqrt(n_G). A tensor's storage is read as a dense [A, B, K] array whose
 // group b is [:, b, :] (lomt_kernels.grouping.GroupLayout), so n_G = A K.
@@ -379,7 +379,7 @@ class GroupProx {
     for (int64_t a = 0; a < t.A; a += rows_per_band) {
       blocks_.emplace_back(t, a, std::min(t.A, a + rows_per_band), b0, b0 + nb_);
     }
-    groups_.resize(5 * nb_);
+    groups_.resize(4 * nb_);
   }
 
   // Each pass below runs one callback per row band (through at::parallel_for), which copies
@@ -419,44 +419,51 @@ class GroupProx {
     auto& scratch = Scratch<T>::get();
     T* const z = kInPlace ? nullptr : sized(scratch.z, t_.A * lanes_);
     T* const d = sized(scratch.d, t_.A * lanes_);
-    T* sum_z2 = groups_.data();  // ||z||^2, then the bound ||z||
-    T* s1 = sum_z2 + nb_;        // sum q^2,    q_j = z_j r_j
-    T* s2 = s1 + nb_;            // sum q^2 r,  r_j = d_j / (theta d_j + tau)
-    T* theta = s2 + nb_;
+    T* phi = groups_.data();  // each pass's first sum, then phi(theta)
+    T* dphi = phi + nb_;      // each pass's second sum, then phi'(theta)
+    T* theta = dphi + nb_;
     T* in_flight = theta + nb_;  // 1 for a group whose theta was just updated, else 0
 
-    // Pass 1: Adam, and the sums at theta = 0: ||z||^2, ||D z||^2 and sum (d z)^2 d (so that
-    // s1 = ||D z||^2 / tau^2 and s2 = sum (d z)^2 d / tau^3).
-    over_rows<3>(0, nb_, {sum_z2, s1, s2}, [&](const Block<S>& blk, T* lanes, std::array<T*, 3> sums) {
+    // Pass 1: Adam, and ||D z||^2 and sum (d z)^2 d, which give phi(0) = tau / ||D z|| and
+    // phi'(0) = sum (d z)^2 d / ||D z||^3 without dividing by a tiny tau (see
+    // reference.weighted_group_prox).
+    over_rows<2>(0, nb_, {phi, dphi}, [&](const Block<S>& blk, T* lanes, std::array<T*, 2> sums) {
       const AdamConstants<T> c = c_;
       T* const zs = z;
       T* const ds = d;
-      blk.template reduce<3>(0, nb_, lanes, sums, [&](const Row& r, int64_t j, int64_t count) {
+      blk.template reduce<2>(0, nb_, lanes, sums, [&](const Row& r, int64_t j, int64_t count) {
         auto [zv, dv] = adam(c, r.p + j, r.g + j, r.m + j, r.v + j, count);
         zv.store(z_at(zs, r, j), count);
         dv.store(ds + r.scratch + j, count);
         auto dz = dv * zv;
         auto dz2 = dz * dz;
-        return std::array<Vec, 3>{zv * zv, dz2, dz2 * dv};
+        return std::array<Vec, 2>{dz2, dz2 * dv};
       });
     });
-    const T tau2 = tau_ * tau_;
+    // The first Newton step, from 0, for every active group (||D z|| > tau); the zeroed groups
+    // keep theta = 0.
+    int64_t moved = 0;
     for (int64_t b = 0; b < nb_; ++b) {
+      const T dz_norm = std::sqrt(phi[b]);
       theta[b] = T(0);
-      in_flight[b] = std::sqrt(s1[b]) > tau_ ? T(1) : T(0);  // active iff ||D z|| > tau
-      sum_z2[b] = std::sqrt(sum_z2[b]);
-      s1[b] /= tau2;
-      s2[b] /= tau2 * tau_;
+      in_flight[b] = 0;
+      if (dz_norm > tau_) {
+        theta[b] = phi[b] * (dz_norm - tau_) / dphi[b];
+        if (T(1) - tau_ / dz_norm > last_step()) {
+          in_flight[b] = 1;
+          ++moved;
+        }
+      }
     }
 
     // Newton on phi(theta) = 1: each update's sums come from one pass over the span of the
-    // groups still in flight.
-    int64_t moved = newton_step(s1, s2, sum_z2, theta, in_flight);
+    // groups still in flight, sum q^2 and sum q^2 r with q_j = z_j r_j, r_j = d_j / (theta d_j +
+    // tau), so that phi = (sum q^2)^(-1/2) and phi' = phi^3 sum q^2 r.
     for (int update = 1; moved > 0 && update < kNewtonMaxIter; ++update) {
       int64_t g_lo = 0, g_hi = nb_;
       while (in_flight[g_lo] == 0) ++g_lo;
       while (in_flight[g_hi - 1] == 0) --g_hi;
-      over_rows<2>(g_lo, g_hi, {s1, s2}, [&](const Block<S>& blk, T* lanes, std::array<T*, 2> sums) {
+      over_rows<2>(g_lo, g_hi, {phi, dphi}, [&](const Block<S>& blk, T* lanes, std::array<T*, 2> sums) {
         const Vec tau(tau_);
         T* const zs = z;
         T* const ds = d;
@@ -470,7 +477,11 @@ class GroupProx {
           return std::array<Vec, 2>{q2, q2 * ratio};
         });
       });
-      moved = newton_step(s1, s2, sum_z2, theta, in_flight);
+      for (int64_t b = g_lo; b < g_hi; ++b) {
+        phi[b] = T(1) / std::sqrt(phi[b]);
+        dphi[b] *= phi[b] * phi[b] * phi[b];
+      }
+      moved = newton_step(phi, dphi, theta, in_flight);
     }
 
     // x_j = theta z_j d_j / (theta d_j + tau): zero for the groups left at theta = 0.
@@ -499,25 +510,26 @@ class GroupProx {
     }
   }
 
-  // The Newton step of every group in flight, from the sums at its theta. A group whose
+  // 1 - phi at or below which a Newton update is the last (see newton_step): sqrt(rtol).
+  static constexpr T last_step() { return std::is_same_v<T, double> ? T(1e-6) : T(1e-3); }
+
+  // The Newton step of every group in flight, from phi and phi' at its theta. A group whose
   // 1 - phi <= rtol is done. One whose 1 - phi <= sqrt(rtol) takes its update and is done too:
   // the iteration converges quadratically, so that update lands within rtol without another
   // pass over the tensor to confirm it. The others move theta on and stay in flight. Returns
   // how many stay in flight.
-  int64_t newton_step(const T* s1, const T* s2, const T* upper, T* theta, T* in_flight) const {
+  int64_t newton_step(const T* phi, const T* dphi, T* theta, T* in_flight) const {
     const T rtol = std::is_same_v<T, double> ? T(1e-12) : T(1e-6);
-    const T last_step = std::is_same_v<T, double> ? T(1e-6) : T(1e-3);
     int64_t in_flight_count = 0;
     for (int64_t b = 0; b < nb_; ++b) {
       if (in_flight[b] == 0) continue;
-      const T phi = T(1) / std::sqrt(s1[b]);
-      if (T(1) - phi <= rtol) {
+      const T gap = T(1) - phi[b];
+      if (gap <= rtol) {
         in_flight[b] = 0;
         continue;
       }
-      const T dphi = s2[b] * phi * phi * phi;
-      theta[b] = std::max(std::min(theta[b] + (T(1) - phi) / dphi, upper[b]), T(0));
-      if (T(1) - phi <= last_step) {
+      theta[b] = std::max(theta[b] + gap / dphi[b], T(0));
+      if (gap <= last_step()) {
         in_flight[b] = 0;
       } else {
         ++in_flight_count;

@@ -171,20 +171,19 @@ __device__ __forceinline__ float2 newton_terms(float z, float d, float theta, fl
   return make_float2(q * q, q * q / r);
 }
 
-// theta = ||x|| for the weighted prox of an active group: Newton on phi(theta) = 1 from 0,
-// clamped to [0, upper = ||z||], stopped at 1 - phi <= kRtol or kMaxIter steps (as
+// theta = ||x|| for the weighted prox of an active group, from norms = (||D z||^2,
+// sum (d z)^2 d) with ||D z|| > tau: Newton on phi(theta) = 1 from 0, the first step in closed
+// form, clamped at 0, stopped at 1 - phi <= kRtol or kMaxIter steps (as
 // reference.weighted_group_prox). sums(theta) returns the group's sums of newton_terms, the
 // same in every participating thread, so all of them take the same branches.
 template <typename Sums>
-__device__ float newton_theta(Sums sums, float upper) {
-  float theta = 0.f;
-  float2 s = sums(theta);
-  float phi = rsqrtf(s.x);
-  for (int it = 0; it < kMaxIter && 1.f - phi > kRtol; ++it) {
-    const float dphi = s.y * phi * phi * phi;
-    theta = fmaxf(fminf(theta + (1.f - phi) / dphi, upper), 0.f);
-    s = sums(theta);
-    phi = rsqrtf(s.x);
+__device__ float newton_theta(Sums sums, float2 norms, float tau) {
+  float theta = norms.x * (sqrtf(norms.x) - tau) / norms.y;
+  for (int it = 1; it < kMaxIter; ++it) {
+    const float2 s = sums(theta);
+    const float phi = rsqrtf(s.x);
+    if (1.f - phi <= kRtol) break;
+    theta = fmaxf(theta + (1.f - phi) / (s.y * phi * phi * phi), 0.f);
   }
   return theta;
 }
@@ -242,11 +241,11 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
     } else {
-      float2 norms = make_float2(0.f, 0.f);  // ||D z||^2, ||z||^2
+      float2 norms = make_float2(0.f, 0.f);  // ||D z||^2, sum (d z)^2 d
       for (int64_t j = lane; j < group_elems; j += 32) {
-        const float z = z_tile[at(j)], dz = d_tile[at(j)] * z;
+        const float d = d_tile[at(j)], dz = d * z_tile[at(j)];
         norms.x += dz * dz;
-        norms.y += z * z;
+        norms.y += dz * dz * d;
       }
       norms = warp_sum(norms);
       float theta = 0.f;
@@ -261,7 +260,7 @@ __global__ void __launch_bounds__(kThreads)
               }
               return warp_sum(s);
             },
-            sqrtf(norms.y));
+            norms, h.tau);
       }
       if (lane == 0) group_stat[slot] = theta;
     }
@@ -287,12 +286,12 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t b = blockIdx.x, n = L.A * L.K;
   auto at = [&](int64_t j) { return (j / L.K) * (L.B * L.K) + b * L.K + j % L.K; };
   auto d_at = [&](int64_t i) { return sqrtf(static_cast<float>(v[i])) / h.sqrt_bc2 + h.eps; };
-  float2 norms = make_float2(0.f, 0.f);  // ||D z||^2, ||z||^2
+  float2 norms = make_float2(0.f, 0.f);  // ||D z||^2, sum (d z)^2 d
   for (int64_t j = threadIdx.x; j < n; j += kThreads) {
     const int64_t i = at(j);
-    const float z = static_cast<float>(p[i]), dz = d_at(i) * z;
+    const float d = d_at(i), dz = d * static_cast<float>(p[i]);
     norms.x += dz * dz;
-    norms.y += z * z;
+    norms.y += dz * dz * d;
   }
   norms = block_sum(norms);
   float theta = 0.f;
@@ -308,7 +307,7 @@ __global__ void __launch_bounds__(kThreads)
           }
           return block_sum(s);
         },
-        sqrtf(norms.y));
+        norms, h.tau);
   }
   if (threadIdx.x == 0) group_stats[b] = theta;
 }

@@ -99,14 +99,21 @@ def weighted_group_prox(
 
     We solve :math:`\varphi(\theta) = (\sum_j z_j^2/(\theta + a_j)^2)^{-1/2} = 1` by Newton's
     method from :math:`\theta = 0`. :math:`\varphi` is increasing and concave (it is the
-    reciprocal norm of the trust-region secular equation), so Newton iterates increase
-    monotonically to the root without overshooting; when all :math:`a_j` are equal
-    :math:`\varphi` is linear and one step is exact. Iterates are clamped to
-    :math:`[0, \|z\|]` (``theta = ||x|| <= ||z||``), a safeguard kept in every backend.
+    reciprocal norm of the trust-region secular equation), so every Newton iterate lies at or
+    below the root and they increase monotonically to it; when all :math:`a_j` are equal
+    :math:`\varphi` is linear and one step is exact. Iterates are clamped at 0, the safeguard
+    kept in every backend (an upper clamp would never act: the iterates stay below the root).
+
+    The first step, from 0, is taken in closed form,
+    :math:`\theta_1 = \|Dz\|^2 (\|Dz\| - \tau) / \sum_j d_j^3 z_j^2`, from
+    :math:`\varphi(0) = \tau / \|Dz\|` and :math:`\varphi'(0) = \sum_j d_j^3 z_j^2 / \|Dz\|^3`:
+    evaluating the sums at :math:`\theta = 0` divides by :math:`a_j = \tau / d_j`, which
+    overflows float32 when ``tau`` is tiny (``lambda_`` around 1e-15), where the prox is nearly
+    the identity. Every iterate after it is positive, so the sums stay well scaled.
     ``tau == 0`` is the identity (``lr == 0``, as in a warm-up's first step).
 
     ``reduce`` sums the per-group sums across shards (see :data:`GroupReduce`): one reduction
-    for ``(||Dz||^2, ||z||^2)``, then one per Newton iteration for the two sums
+    for ``(||Dz||^2, sum_j d_j^3 z_j^2)``, then one per Newton iteration for the two sums
     :math:`\sum_j z_j^2/(\theta + a_j)^2` and :math:`\sum_j z_j^2/(\theta + a_j)^3`. Every
     branch depends only on reduced values, so all shards take the same branches.
     """
@@ -116,15 +123,16 @@ def weighted_group_prox(
         rtol = WEIGHTED_PROX_RTOL.get(z.dtype, 1e-6)
     zr = as_groups(z, grouping)
     dr = as_groups(d, grouping)
-    dz_norm, z_norm = _group_norms(zr * dr, zr, reduce=reduce)
+    dz = zr * dr
+    dz_sq, dz_sq_d = _group_sums(dz * dz, dz * dz * dr, reduce=reduce)
+    dz_norm = dz_sq.sqrt()
     active = dz_norm.squeeze(1) > tau
     out = torch.zeros_like(zr)
     if active.any():
         za, da = zr[active], dr[active]
         a = tau / da
-        theta = torch.zeros(za.shape[0], 1, dtype=z.dtype, device=z.device)
-        upper = z_norm[active]
-        for _ in range(max_iter):
+        theta = dz_sq[active] * (dz_norm[active] - tau) / dz_sq_d[active]  # the step from 0
+        for _ in range(max_iter - 1):
             q = za / (theta + a)
             q2 = q * q
             s2, s3 = _group_sums(q2, q2 / (theta + a), reduce=reduce)
@@ -132,7 +140,7 @@ def weighted_group_prox(
             if (1 - phi).max() <= rtol:
                 break
             dphi = s3 * phi**3
-            theta = torch.minimum(theta + (1 - phi) / dphi, upper).clamp_min(0)
+            theta = (theta + (1 - phi) / dphi).clamp_min(0)
         out[active] = da * theta * za / (da * theta + tau)
     return from_groups(out, z, grouping)
 

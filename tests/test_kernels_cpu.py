@@ -159,6 +159,22 @@ def test_float32_matches_float64_reference(prox: str, grouping: str) -> None:
     check_zeros(actual[0], expected[0], prox, grouping)
 
 
+@pytest.mark.parametrize("grouping", GROUPINGS)
+def test_float32_weighted_prox_with_a_tiny_tau(grouping: str) -> None:
+    # lambda_ = 1e-15 makes tau ~ 1e-17, and the prox nearly the identity. The Newton sums at
+    # theta = 0 divide by tau ((z d / tau)^2 d / tau ~ 1e46 here) and would overflow float32, so
+    # the first step is taken in closed form; the tolerances are those of the float32 test above.
+    params, grads = make_problem()
+    kwargs = dict(HYPER, lambda_=1e-15, prox="group_weighted", grouping=grouping)
+    params32 = [p.float() for p in params]
+    grads32 = [[g.float() for g in gs] for gs in grads]
+    expected = run(reference.group_prox_adam, [p.double() for p in params32],
+                   [[g.double() for g in gs] for gs in grads32], **kwargs)
+    actual = run(cpu.group_prox_adam, params32, grads32, **kwargs)
+    for a, e in zip(actual, expected):
+        assert_all_close(a, e, rtol=5e-6, atol_factor=5e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("grouping", GROUPINGS)
 @pytest.mark.parametrize("prox", PROXES)

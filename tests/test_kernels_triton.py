@@ -213,6 +213,9 @@ OPTIONS = {
     "grad_scale": {"grad_scale": 8.0},
     "lambda_zero": {"lambda_": 0.0},
     "lr_zero": {"lr": 0.0},  # tau = 0: every prox is the identity
+    # tau ~ 1e-16: the prox is nearly the identity; the weighted prox's sums at theta = 0 would
+    # overflow float32, so its first Newton step is taken in closed form.
+    "tiny_lambda": {"lambda_": 1e-15},
     "small_beta1_eps_zero": {"beta1": 0.3, "eps": 0.0},
 }
 

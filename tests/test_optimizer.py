@@ -100,6 +100,21 @@ def test_weighted_prox_optimality(grouping, spread):
     assert ((dr * zr).norm(dim=1)[~live] <= tau).all()
 
 
+@pytest.mark.parametrize("tau", [1e-20, 1e-10])
+def test_weighted_prox_in_float32_with_a_tiny_tau(tau):
+    # With tau -> 0 the prox tends to the identity. At theta = 0 the Newton sums divide by tau
+    # ((z d / tau)^2 d / tau ~ 1e60 for tau = 1e-20), beyond float32's range; the first step,
+    # taken in closed form, keeps float32 within its rounding (~1e-7 relative) of float64.
+    gen = torch.Generator().manual_seed(4)
+    z = torch.randn(16, 12, 3, 3, generator=gen, dtype=torch.float64)
+    d = 10 ** torch.empty(z.shape, dtype=torch.float64).uniform_(-3, 0, generator=gen)
+    expected = weighted_group_prox(z, d, tau, "in_channel")
+    actual = weighted_group_prox(z.float(), d.float(), tau, "in_channel")
+    assert torch.isfinite(actual).all()
+    torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(expected, z, rtol=1e-6, atol=0)
+
+
 def test_weighted_prox_with_constant_metric_is_group_shrink():
     # With D = c I the problem is c/2 ||x - z||^2 + tau ||x||: the group shrink with tau / c.
     z = torch.randn(8, 5, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))

@@ -12,8 +12,8 @@ storage dtype (float32, float16 or bfloat16; ``m`` and ``v`` in the param's dtyp
 
 and then, per group ``G`` with ``tau = lr * lambda_ * sqrt(n_G)``: ``group`` scales ``z_G`` by
 ``max(0, 1 - tau/||z_G||)``; ``group_weighted`` solves the adaptive prox by Newton's method on
-``phi(theta) = (sum_j z_j^2/(theta + tau/d_j)^2)^{-1/2} = 1`` from ``theta = 0``, clamped to
-``[0, ||z_G||]`` and stopped at ``1 - phi <= 1e-6`` or 30 iterations (as
+``phi(theta) = (sum_j z_j^2/(theta + tau/d_j)^2)^{-1/2} = 1`` from ``theta = 0`` (the first
+step in closed form), clamped at 0 and stopped at ``1 - phi <= 1e-6`` or 30 iterations (as
 :func:`~lomt_kernels.reference.weighted_group_prox`), then ``p_j = d_j theta z_j / (d_j theta + tau)``;
 ``l1`` soft-thresholds at ``lr * lambda_``; ``none`` keeps ``z``. With ``tau == 0`` (``lr == 0``)
 every prox is the identity.
@@ -34,7 +34,7 @@ channels-last conv (``K == 1``) are still read in runs of at least one 32-byte s
   ``group``, adds each chunk's ``sum z^2`` into a per-group float32 buffer with atomics. Phase 2
   re-reads ``z`` and writes the shrunk ``p``: **+8 bytes per param** (36 in all). For
   ``group_weighted`` a solve kernel, one program per group, first streams the group's ``z`` and
-  ``v`` once for ``||D z||``, ``||z||`` and ``phi(0)``, then once per Newton iteration (**+8
+  ``v`` once for ``||D z||`` and the first Newton step, then once per Newton iteration (**+8
   bytes per param per pass**, often from L2), and phase 2 also reads ``v`` for ``d`` (+4). For
   16-bit params ``z`` is rounded to the param dtype between the phases (one ulp at most).
 * Plain Adam and ``l1`` (tensors with fewer than two dims, ``prox="none"``, ``lambda_ == 0``)
@@ -169,10 +169,17 @@ def _newton_terms(z, a, theta):
 
 
 @triton.jit
-def _newton_step(theta, phi, sum_dq, upper):
-    """One safeguarded Newton step on ``phi(theta) = 1``, clamped to ``[0, ||z||]``."""
+def _first_newton_step(sum_dz2, sum_dz2_d, tau):
+    """The Newton step from ``theta = 0`` in closed form, ``||Dz||^2 (||Dz|| - tau) / sum (dz)^2 d``
+    (see :func:`~lomt_kernels.reference.weighted_group_prox`)."""
+    return sum_dz2 * (tl.sqrt_rn(sum_dz2) - tau) / sum_dz2_d
+
+
+@triton.jit
+def _newton_step(theta, phi, sum_dq):
+    """One safeguarded Newton step on ``phi(theta) = 1``, clamped at 0."""
     dphi = sum_dq * phi * phi * phi
-    return tl.maximum(tl.minimum(theta + (1 - phi) / dphi, upper), 0.0)
+    return tl.maximum(theta + (1 - phi) / dphi, 0.0)
 
 
 @triton.jit
@@ -242,17 +249,17 @@ def _adam_prox_kernel(
     elif PROX == _WEIGHTED:
         tau = _tau(row, lr, lambda_)
         if ONE_PASS:
-            dz = d * z
-            active = tl.sqrt_rn(_group_sum(dz * dz)) > tau
-            upper = tl.sqrt_rn(_group_sum(z * z))
+            dz2 = d * z * d * z
+            sum_dz2 = _group_sum(dz2)
+            active = tl.sqrt_rn(sum_dz2) > tau
             a = tau / d
-            theta = tl.zeros([BLOCK_G], dtype=tl.float32)
+            theta = tl.where(active, _first_newton_step(sum_dz2, _group_sum(dz2 * d), tau), 0.0)
             q2, dq = _newton_terms(z, a, theta[None, :, None])
             phi = tl.rsqrt(_group_sum(q2))
             sum_dq = _group_sum(dq)
-            it = 0
+            it = 1
             while (tl.sum((active & (1 - phi > rtol)).to(tl.int32)) > 0) & (it < MAX_ITER):
-                theta = tl.where(active, _newton_step(theta, phi, sum_dq, upper), 0.0)
+                theta = tl.where(active, _newton_step(theta, phi, sum_dq), 0.0)
                 q2, dq = _newton_terms(z, a, theta[None, :, None])
                 phi = tl.rsqrt(_group_sum(q2))
                 sum_dq = _group_sum(dq)
@@ -263,27 +270,30 @@ def _adam_prox_kernel(
 
 @triton.jit
 def _group_newton_sums(
-    row, b, p_ptr, v_ptr, theta, tau, sqrt_bc2, eps, BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr
+    row, b, p_ptr, v_ptr, theta, tau, sqrt_bc2, eps,
+    AT_ZERO: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One pass over group ``b`` (``z`` in ``p``): ``sum q^2``, ``sum q^2/(theta + a)`` (see
-    :func:`_newton_terms`), ``||D z||^2`` and ``||z||^2``, in ``[BLOCK_A, 1, BLOCK_K]`` chunks."""
+    """One pass over group ``b`` (``z`` in ``p``), in ``[BLOCK_A, 1, BLOCK_K]`` chunks: ``sum q^2``
+    and ``sum q^2/(theta + a)`` (see :func:`_newton_terms`), or with ``AT_ZERO`` ``||D z||^2`` and
+    ``sum (dz)^2 d`` (``theta`` unused)."""
     tiles_a = tl.cdiv(tl.load(row + _A), BLOCK_A)
     tiles = tiles_a * tl.cdiv(tl.load(row + _K), BLOCK_K)
-    sum_q2 = 0.0
-    sum_dq = 0.0
-    sum_dz2 = 0.0
-    sum_z2 = 0.0
+    first = 0.0
+    second = 0.0
     for tile in range(tiles):
         offs, mask, _ = _tile_at(row, b, tile % tiles_a, tile // tiles_a, BLOCK_A, 1, BLOCK_K)
         z = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         d = tl.where(mask, tl.sqrt_rn(v) / sqrt_bc2 + eps, 1.0)
-        q2, dq = _newton_terms(z, tau / d, theta)
-        sum_q2 += tl.sum(q2)
-        sum_dq += tl.sum(dq)
-        sum_dz2 += tl.sum(d * z * d * z)
-        sum_z2 += tl.sum(z * z)
-    return sum_q2, sum_dq, sum_dz2, sum_z2
+        if AT_ZERO:
+            dz2 = d * z * d * z
+            first += tl.sum(dz2)
+            second += tl.sum(dz2 * d)
+        else:
+            q2, dq = _newton_terms(z, tau / d, theta)
+            first += tl.sum(q2)
+            second += tl.sum(dq)
+    return first, second
 
 
 @triton.jit
@@ -294,8 +304,8 @@ def _weighted_solve_kernel(
     BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Two-phase ``group_weighted``: one program per group finds ``theta = ||x_G||`` by streaming
-    the group's ``z`` (in ``p`` after phase 1) and ``v``: once for ``||D z||``, ``||z||`` and
-    ``phi(0)``, then once per Newton iteration. Writes ``theta`` (0 for a zeroed group) to
+    the group's ``z`` (in ``p`` after phase 1) and ``v``: once for ``||D z||`` and the first
+    Newton step, then once per Newton iteration. Writes ``theta`` (0 for a zeroed group) to
     ``stats``."""
     pid = tl.program_id(0)
     t = tl.load(group_tensor_ptr + pid)
@@ -307,17 +317,20 @@ def _weighted_solve_kernel(
     tau = _tau(row, lr, lambda_)
 
     theta = 0.0
-    sum_q2, sum_dq, sum_dz2, sum_z2 = _group_newton_sums(
-        row, b, p_ptr, v_ptr, theta, tau, sqrt_bc2, eps, BLOCK_A, BLOCK_K
+    sum_dz2, sum_dz2_d = _group_newton_sums(
+        row, b, p_ptr, v_ptr, theta, tau, sqrt_bc2, eps, True, BLOCK_A, BLOCK_K
     )
     if tl.sqrt_rn(sum_dz2) > tau:
-        upper = tl.sqrt_rn(sum_z2)
+        theta = _first_newton_step(sum_dz2, sum_dz2_d, tau)
+        it = 1
+        sum_q2, sum_dq = _group_newton_sums(
+            row, b, p_ptr, v_ptr, theta, tau, sqrt_bc2, eps, False, BLOCK_A, BLOCK_K
+        )
         phi = tl.rsqrt(sum_q2)
-        it = 0
         while (1 - phi > rtol) & (it < MAX_ITER):
-            theta = _newton_step(theta, phi, sum_dq, upper)
-            sum_q2, sum_dq, _, _ = _group_newton_sums(
-                row, b, p_ptr, v_ptr, theta, tau, sqrt_bc2, eps, BLOCK_A, BLOCK_K
+            theta = _newton_step(theta, phi, sum_dq)
+            sum_q2, sum_dq = _group_newton_sums(
+                row, b, p_ptr, v_ptr, theta, tau, sqrt_bc2, eps, False, BLOCK_A, BLOCK_K
             )
             phi = tl.rsqrt(sum_q2)
             it += 1
