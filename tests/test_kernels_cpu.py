@@ -138,6 +138,16 @@ def test_float64_matches_reference(prox: str, grouping: str) -> None:
     check_zeros(actual[0], expected[0], prox, grouping)
 
 
+def run_float32(kwargs: dict) -> tuple[tuple[list[Tensor], ...], tuple[list[Tensor], ...]]:
+    """:func:`run` of the kernel on the float32 problem, and of the reference on its float64 copy."""
+    params, grads = make_problem()
+    params32 = [p.float() for p in params]
+    grads32 = [[g.float() for g in gs] for gs in grads]
+    expected = run(reference.group_prox_adam, [p.double() for p in params32],
+                   [[g.double() for g in gs] for gs in grads32], **kwargs)
+    return run(cpu.group_prox_adam, params32, grads32, **kwargs), expected
+
+
 @pytest.mark.parametrize("grouping", GROUPINGS)
 @pytest.mark.parametrize("prox", PROXES)
 def test_float32_matches_float64_reference(prox: str, grouping: str) -> None:
@@ -146,13 +156,7 @@ def test_float32_matches_float64_reference(prox: str, grouping: str) -> None:
     # shrink's error is absolute (|z| tau/||z|| times the norm's 1e-7 relative error), hence the
     # atol on the tensor's scale; the weighted prox also stops Newton at 1 - phi <= 1e-6 rather
     # than 1e-12, which moves x by at most 1e-6 relative.
-    params, grads = make_problem()
-    kwargs = dict(HYPER, lambda_=LAMBDAS[prox], prox=prox, grouping=grouping)
-    params32 = [p.float() for p in params]
-    grads32 = [[g.float() for g in gs] for gs in grads]
-    expected = run(reference.group_prox_adam, [p.double() for p in params32],
-                   [[g.double() for g in gs] for gs in grads32], **kwargs)
-    actual = run(cpu.group_prox_adam, params32, grads32, **kwargs)
+    actual, expected = run_float32(dict(HYPER, lambda_=LAMBDAS[prox], prox=prox, grouping=grouping))
     for a, e in zip(actual, expected):
         assert all(t.dtype == torch.float32 for t in a)
         assert_all_close(a, e, rtol=5e-6, atol_factor=5e-6)
@@ -164,13 +168,7 @@ def test_float32_weighted_prox_with_a_tiny_tau(grouping: str) -> None:
     # lambda_ = 1e-15 makes tau ~ 1e-17, and the prox nearly the identity. The Newton sums at
     # theta = 0 divide by tau ((z d / tau)^2 d / tau ~ 1e46 here) and would overflow float32, so
     # the first step is taken in closed form; the tolerances are those of the float32 test above.
-    params, grads = make_problem()
-    kwargs = dict(HYPER, lambda_=1e-15, prox="group_weighted", grouping=grouping)
-    params32 = [p.float() for p in params]
-    grads32 = [[g.float() for g in gs] for gs in grads]
-    expected = run(reference.group_prox_adam, [p.double() for p in params32],
-                   [[g.double() for g in gs] for gs in grads32], **kwargs)
-    actual = run(cpu.group_prox_adam, params32, grads32, **kwargs)
+    actual, expected = run_float32(dict(HYPER, lambda_=1e-15, prox="group_weighted", grouping=grouping))
     for a, e in zip(actual, expected):
         assert_all_close(a, e, rtol=5e-6, atol_factor=5e-6)
 
