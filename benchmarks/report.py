@@ -241,9 +241,12 @@ def render(results: list[SetResult], device: str, threads: int, repeats: int, sh
     ]
     if shared_note:
         parts.append(
-            "* **Measured on a shared VM**: the bandwidth it gets moves with the host's load (over "
-            "one afternoon fused Adam alone took 6 to 15 ms on the ResNet-50 set), and the ratios "
-            "move by about 10% from run to run. Compare ratios within one run, not times across runs."
+            "* **Measured on a shared VM**: what it gets moves with the host's load, from one "
+            "second to the next. Fused Adam alone takes 8 to 16 ms on the ResNet-50 set; in the "
+            "windows where it runs fastest (about 8.5 ms, 80 GB/s) the weighted prox's Newton "
+            "passes, which re-read z and d, run 2 to 2.5x slower than usual, and the weighted "
+            "step's ratio to Adam reaches 2.6-2.9x. Compare ratios within one run, not times "
+            "across runs."
         )
     for backend, reason in skipped.items():
         parts.append(f"* Skipped backend `{backend}`: {reason}")
