@@ -452,7 +452,7 @@ class GroupProx {
       in_flight[b] = 0;
       if (dz_norm > tau_) {
         theta[b] = phi[b] * (dz_norm - tau_) / dphi[b];
-        if (T(1) - tau_ / dz_norm > last_step()) {
+        if (T(1) - tau_ / dz_norm > kLastStep) {
           in_flight[b] = 1;
           ++moved;
         }
@@ -513,8 +513,10 @@ class GroupProx {
     }
   }
 
-  // 1 - phi at or below which a Newton update is the last (see newton_step): sqrt(rtol).
-  static constexpr T last_step() { return std::is_same_v<T, double> ? T(1e-6) : T(1e-3); }
+  // 1 - phi at or below which a group is done (reference.WEIGHTED_PROX_RTOL), and at or below
+  // which a Newton update is the last (see newton_step): sqrt(kRtol).
+  static constexpr T kRtol = std::is_same_v<T, double> ? T(1e-12) : T(1e-6);
+  static constexpr T kLastStep = std::is_same_v<T, double> ? T(1e-6) : T(1e-3);
 
   // The Newton step of every group in flight, from phi and phi' at its theta. A group whose
   // 1 - phi <= rtol is done. One whose 1 - phi <= sqrt(rtol) takes its update and is done too:
@@ -522,17 +524,16 @@ class GroupProx {
   // pass over the tensor to confirm it. The others move theta on and stay in flight. Returns
   // how many stay in flight.
   int64_t newton_step(const T* phi, const T* dphi, T* theta, T* in_flight) const {
-    const T rtol = std::is_same_v<T, double> ? T(1e-12) : T(1e-6);
     int64_t in_flight_count = 0;
     for (int64_t b = 0; b < nb_; ++b) {
       if (in_flight[b] == 0) continue;
       const T gap = T(1) - phi[b];
-      if (gap <= rtol) {
+      if (gap <= kRtol) {
         in_flight[b] = 0;
         continue;
       }
       theta[b] = std::max(theta[b] + gap / dphi[b], T(0));
-      if (gap <= last_step()) {
+      if (gap <= kLastStep) {
         in_flight[b] = 0;
       } else {
         ++in_flight_count;

@@ -123,8 +123,8 @@ def weighted_group_prox(
         rtol = WEIGHTED_PROX_RTOL.get(z.dtype, 1e-6)
     zr = as_groups(z, grouping)
     dr = as_groups(d, grouping)
-    dz = zr * dr
-    dz_sq, dz_sq_d = _group_sums(dz * dz, dz * dz * dr, reduce=reduce)
+    dz2 = (zr * dr).square()
+    dz_sq, dz_sq_d = _group_sums(dz2, dz2 * dr, reduce=reduce)
     dz_norm = dz_sq.sqrt()
     active = dz_norm.squeeze(1) > tau
     out = torch.zeros_like(zr)
