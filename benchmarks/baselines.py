@@ -5,6 +5,10 @@ set's warm state (:meth:`Method.restore` puts it back before every timed round):
 
 * **floor** -- ``torch.optim.Adam(fused=True)`` and ``(foreach=True)``, no prox: the cost of
   Adam alone.
+* **traffic** -- a yardstick for the weighted prox: ``Adam(fused=True)`` and then the memory
+  traffic that an exact weighted prox adds to it at the least, as torch's streaming ops with no
+  arithmetic (:func:`weighted_prox_traffic_`). Where memory is the bottleneck, a weighted step
+  can come near it but, short of cache reuse, not below it.
 * **unfused** -- what a user writes by hand: ``Adam(fused=True)`` and then the prox as separate
   tensor ops per tensor (:func:`group_prox_ops_`, :func:`l1_prox_ops_`); and the published
   approach to the adaptive (weighted) prox, ``Adam(fused=True)`` and then, layer by layer, a fixed
@@ -34,7 +38,7 @@ PROXES = ("group", "group_weighted", "l1")
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """What to run: ``kind`` is ``"floor"``, ``"unfused"`` or ``"fused"``."""
+    """What to run: ``kind`` is ``"floor"``, ``"traffic"``, ``"unfused"`` or ``"fused"``."""
 
     key: str
     label: str
@@ -46,6 +50,9 @@ class MethodSpec:
 FLOOR = (
     MethodSpec("adam-fused", "torch.optim.Adam(fused=True)", "floor", "none"),
     MethodSpec("adam-foreach", "torch.optim.Adam(foreach=True)", "floor", "none"),
+)
+WEIGHTED_TRAFFIC = MethodSpec(
+    "weighted-traffic", "Adam(fused) + the least traffic of an exact weighted prox", "traffic", "none"
 )
 UNFUSED = (
     MethodSpec("unfused-group", "Adam(fused) + group prox as tensor ops", "unfused", "group"),
@@ -65,9 +72,14 @@ def fused_spec(backend: str, prox: str) -> MethodSpec:
 
 
 def all_specs(backends: tuple[str, ...] = BACKENDS) -> list[MethodSpec]:
-    """Every method, floors first, then each unfused prox and its fused versions."""
+    """Every method, floors first, then each unfused prox and its fused versions.
+
+    The weighted prox's traffic bound comes just before the weighted methods.
+    """
     specs = list(FLOOR)
     for prox in PROXES:
+        if prox == "group_weighted":
+            specs.append(WEIGHTED_TRAFFIC)
         specs.append(next(s for s in UNFUSED if s.key == UNFUSED_FOR[prox]))
         specs.extend(fused_spec(b, prox) for b in backends)
     return specs
@@ -129,6 +141,20 @@ def published_weighted_prox_(p: Tensor, v: Tensor, step: float, tau: float, iter
         theta = theta - f / fprime
     x = d * theta * z / (d * theta + tau)
     p.copy_(torch.where(active, x, torch.zeros_like(x)))
+
+
+def weighted_prox_traffic_(p: Tensor, v: Tensor) -> None:
+    """The memory traffic an exact weighted prox adds to the Adam step at the least, and no more.
+
+    After the Adam update, ``p`` holds z and ``v`` gives d. Each group's ``theta`` is the root of
+    an equation over all of the group's z and d, and the sums that the Adam pass itself can
+    gather only give a first step towards it; so at least one more read of z and d (here of
+    ``p`` and ``v``) evaluates the equation, and one more read of them, with a write of ``p``,
+    applies the result. Each op here is one streaming pass of torch's.
+    """
+    torch.sum(p)  # the root evaluation: one read of z ...
+    torch.sum(v)  # ... and of d's source
+    p.mul_(v)  # the rescale: read z and d, write p
 
 
 def _tau(p: Tensor, lambda_: float) -> float:
@@ -215,7 +241,10 @@ class Method:
         """One step; on CUDA it returns when the device has finished."""
         self.optimizer.step()
         prox = self.spec.prox if self.spec.kind == "unfused" else "none"
-        if prox == "group":
+        if self.spec.kind == "traffic":
+            for p in self.prox_params:
+                weighted_prox_traffic_(p, self.optimizer.state[p]["exp_avg_sq"])
+        elif prox == "group":
             for p in self.prox_params:
                 group_prox_ops_(p, _tau(p, self.lambda_))
         elif prox == "l1":

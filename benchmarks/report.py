@@ -180,7 +180,9 @@ def performance_paragraph(results: list[SetResult], device: str, threads: int) -
     result = next((r for r in results if r.name == "resnet50-convs"), results[0])
     floor = result.row("adam-fused")
     group, weighted, l1 = (best_fused(result, p) for p in ("group", "group_weighted", "l1"))
-    unf_group, published, unf_l1 = (result.row(k) for k in ("unfused-group", "published-weighted", "unfused-l1"))
+    unf_group, published, unf_l1, traffic = (
+        result.row(k) for k in ("unfused-group", "published-weighted", "unfused-l1", "weighted-traffic")
+    )
     if not (floor and group and weighted and unf_group and published):
         return "(not enough methods ran to summarise)"
     where = f"{device_name(device)}" + (f", {threads} threads" if device == "cpu" else "")
@@ -200,6 +202,12 @@ def performance_paragraph(results: list[SetResult], device: str, threads: int) -
         f"approach (Adam, then {PUBLISHED_NEWTON_ITERS} Newton iterations per layer as tensor ops), "
         f"{_speedup(published.median, weighted.median)} it."
     )
+    if traffic:
+        text += (
+            f" No exact weighted step can move less memory than Adam plus one more read of z and d "
+            f"and one rewrite of p: those bytes alone, as tensor ops after fused Adam, take "
+            f"{_fmt_ms(traffic.median)} ms ({traffic.median / floor.median:.2f}× Adam)."
+        )
     if l1 and unf_l1:
         text += (
             f" The l1 prox takes {_fmt_ms(l1.median)} ms against {_fmt_ms(unf_l1.median)} ms unfused."
@@ -242,11 +250,11 @@ def render(results: list[SetResult], device: str, threads: int, repeats: int, sh
     if shared_note:
         parts.append(
             "* **Measured on a shared VM**: what it gets moves with the host's load, from one "
-            "second to the next. Fused Adam alone takes 8 to 16 ms on the ResNet-50 set; in the "
-            "windows where it runs fastest (about 8.5 ms, 80 GB/s) the weighted prox's Newton "
-            "passes, which re-read z and d, run 2 to 2.5x slower than usual, and the weighted "
-            "step's ratio to Adam reaches 2.6-2.9x. Compare ratios within one run, not times "
-            "across runs."
+            "second to the next. Fused Adam alone takes 8 to 16 ms on the ResNet-50 set. In the "
+            "windows where it runs fastest (about 8.5 ms) the weighted prox's Newton passes, "
+            "which only read z and d, run 2 to 2.5x slower than usual: the weighted step "
+            "reaches 2.6-2.9x Adam there, and the `weighted-traffic` row about 1.7x. Compare "
+            "ratios within one run, not times across runs."
         )
     for backend, reason in skipped.items():
         parts.append(f"* Skipped backend `{backend}`: {reason}")

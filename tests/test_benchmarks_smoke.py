@@ -10,7 +10,8 @@ import torch
 
 from benchmarks import report
 from benchmarks.baselines import (
-    FLOOR, UNFUSED, UNFUSED_FOR, Method, fused_spec, max_abs_diff, published_weighted_prox_,
+    FLOOR, UNFUSED, UNFUSED_FOR, WEIGHTED_TRAFFIC, Method, fused_spec, max_abs_diff,
+    published_weighted_prox_,
 )
 from benchmarks.params import build_set, resnet50_conv_shapes, small_convs, sweep_shapes
 from lomt_kernels.reference import weighted_group_prox
@@ -72,4 +73,4 @@ def test_report_quick_run_writes_the_table(tmp_path):
     text = out.read_text()
     assert "torch.optim.Adam(fused=True)" in text and "× Adam(fused)" in text
     assert "Performance summary" in text
-    assert FLOOR[0].label in text
+    assert FLOOR[0].label in text and WEIGHTED_TRAFFIC.label in text
