@@ -173,6 +173,27 @@ def test_float32_weighted_prox_with_a_tiny_tau(grouping: str) -> None:
         assert_all_close(a, e, rtol=5e-6, atol_factor=5e-6)
 
 
+@pytest.mark.parametrize("grouping", GROUPINGS)
+def test_float32_weighted_prox_where_v_is_zero(grouping: str) -> None:
+    # The passes after the first recompute d from v with a reciprocal square root estimate, which
+    # is infinite at v = 0; elements whose gradient has always been 0 keep v = 0 (d = eps) and
+    # must come out as the reference's (no weight decay, which would make their gradients
+    # nonzero). Tolerances as in the float32 test above.
+    params, grads = make_problem()
+    for step_grads in grads:
+        for g in step_grads:
+            g.view(-1)[::3] = 0.0
+    params32 = [p.float() for p in params]
+    grads32 = [[g.float() for g in gs] for gs in grads]
+    kwargs = dict(HYPER, weight_decay=0.0, lambda_=LAMBDAS["group_weighted"], prox="group_weighted", grouping=grouping)
+    actual = run(cpu.group_prox_adam, params32, grads32, **kwargs)
+    expected = run(reference.group_prox_adam, [p.double() for p in params32],
+                   [[g.double() for g in gs] for gs in grads32], **kwargs)
+    assert any(bool((v == 0).any()) for v in actual[2])
+    for a, e in zip(actual, expected):
+        assert_all_close(a, e, rtol=5e-6, atol_factor=5e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("grouping", GROUPINGS)
 @pytest.mark.parametrize("prox", PROXES)
