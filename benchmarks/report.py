@@ -252,9 +252,9 @@ def render(results: list[SetResult], device: str, threads: int, repeats: int, sh
             "* **Measured on a shared VM**: what it gets moves with the host's load, from one "
             "second to the next. Fused Adam alone takes 8 to 16 ms on the ResNet-50 set. In the "
             "windows where it runs fastest (about 8.5 ms) the weighted prox's Newton passes, "
-            "which only read z and d, run 2 to 2.5x slower than usual: the weighted step "
-            "reaches 2.6-2.9x Adam there, and the `weighted-traffic` row about 1.7x. Compare "
-            "ratios within one run, not times across runs."
+            "which only read z and v, run 2 to 2.5x slower than usual: the weighted step "
+            "reaches about 2.2x Adam there (1.6-1.9x in the others), and the `weighted-traffic` "
+            "row about 1.7-1.9x. Compare ratios within one run, not times across runs."
         )
     for backend, reason in skipped.items():
         parts.append(f"* Skipped backend `{backend}`: {reason}")
