@@ -39,9 +39,9 @@
 //   cached. It re-reads z from cache for small tensors and mostly from memory for large ones:
 //   up to 36 bytes per param.
 // * The weighted prox makes one pass over z and d per Newton update (mostly 2) and a last one
-//   to write x. Pass 1 writes no d: the later passes recompute it from v (see d_at), so pass 1
-//   moves Adam's 28 bytes. An update taken from 1 - phi <= sqrt(rtol) ends the iteration
-//   without a pass to confirm it (see newton_step).
+//   to write x. For a large tensor, pass 1 writes no d: the later passes recompute it from v
+//   (see d_at), so pass 1 moves Adam's 28 bytes. An update taken from 1 - phi <= sqrt(rtol) ends
+//   the iteration without a pass to confirm it (see newton_step).
 //
 // Code generation. A vector store may alias any memory, so the hot loops read constants and
 // pointers only from locals of the per-band callback, with every helper inlined; a value read
@@ -448,10 +448,25 @@ class GroupProx {
   }
 
   void weighted() {
-    // z lives in p when p stores the compute type, else in scratch; so does d (see d_at).
+    if constexpr (kInPlace) {
+      if (blocks_.size() > 1) {
+        weighted_passes<true>();
+        return;
+      }
+    }
+    weighted_passes<false>();
+  }
+
+ private:
+  static constexpr bool kInPlace = std::is_same_v<S, T>;
+
+  // The weighted prox's passes; kRecomputeD says where the passes after pass 1 get d (d_at).
+  template <bool kRecomputeD>
+  void weighted_passes() {
+    // z lives in p when p stores the compute type, else in scratch.
     auto& scratch = Scratch<T>::get();
     T* const z = kInPlace ? nullptr : sized(scratch.z, t_.A * lanes_);
-    T* const d = kInPlace ? nullptr : sized(scratch.d, t_.A * lanes_);
+    T* const d = kRecomputeD ? nullptr : sized(scratch.d, t_.A * lanes_);
     T* phi = groups_.data();  // each pass's first sum, then phi(theta)
     T* dphi = phi + nb_;      // each pass's second sum, then phi'(theta)
     T* theta = dphi + nb_;
@@ -467,7 +482,7 @@ class GroupProx {
       blk.template reduce<2>(0, nb_, lanes, sums, [&](const Row& r, int64_t j, int64_t count) {
         auto [zv, dv] = adam(c, r.p + j, r.g + j, r.m + j, r.v + j, count);
         zv.store(z_at(zs, r, j), count);
-        if constexpr (!kInPlace) dv.store(ds + r.scratch + j, count);
+        if constexpr (!kRecomputeD) dv.store(ds + r.scratch + j, count);
         auto dz = dv * zv;
         auto dz2 = dz * dz;
         return std::array<Vec, 2>{dz2, dz2 * dv};
@@ -504,7 +519,7 @@ class GroupProx {
         T* theta_lanes = lanes + 2 * blk.lanes();
         blk.expand(theta, g_lo, g_hi, theta_lanes);
         blk.template reduce<2>(g_lo, g_hi, lanes, sums, [&](const Row& r, int64_t j, int64_t count) {
-          auto dv = d_at(c, ds, r, j, count);
+          auto dv = d_at<kRecomputeD>(c, ds, r, j, count);
           auto ratio = dv / at::vec::fmadd(Vec::loadu(theta_lanes + j, count), dv, tau);
           auto q = Vec::loadu(z_at(zs, r, j), count) * ratio;
           auto q2 = q * q;
@@ -526,15 +541,12 @@ class GroupProx {
       T* const ds = d;
       blk.expand(theta, 0, nb_, lanes);
       blk.for_each_backwards([&](const Row& r, int64_t j, int64_t count) {
-        auto dv = d_at(c, ds, r, j, count);
+        auto dv = d_at<kRecomputeD>(c, ds, r, j, count);
         auto th = Vec::loadu(lanes + j, count);
         store(r.p + j, Vec::loadu(z_at(zs, r, j), count) * th * (dv / at::vec::fmadd(th, dv, tau)), count);
       });
     });
   }
-
- private:
-  static constexpr bool kInPlace = std::is_same_v<S, T>;
 
   // Where lane j of row r keeps z: in p itself, or in the scratch z.
   static C10_ALWAYS_INLINE T* z_at(T* z, const Row& r, int64_t j) {
@@ -545,14 +557,18 @@ class GroupProx {
     }
   }
 
-  // Lane j of row r's Adam denominator in the passes after pass 1. When p stores the compute
-  // type, it is recomputed from the v that pass 1 wrote, with fast_sqrt: keeping d in a scratch
-  // instead costs a write of 4 bytes per param (and the read for ownership) in pass 1, the pass
-  // that already moves the most, and gains nothing in the later ones, which read 4 bytes of v
-  // instead of 4 of d. Otherwise v was rounded to its storage type, so d comes from the scratch
-  // d that pass 1 filled.
+  // Lane j of row r's Adam denominator in the passes after pass 1. For a tensor of float params
+  // run by all threads (kRecomputeD), whose z and v stream from memory, it is recomputed from
+  // the v that pass 1 wrote, with fast_sqrt: keeping d in a scratch instead costs a write of 4
+  // bytes per param (and the read for ownership) in pass 1, the pass that already moves the
+  // most, and gains nothing in the later ones, which read 4 bytes of v instead of 4 of d.
+  // Otherwise d comes from the scratch that pass 1 filled: v was rounded to its storage type, or
+  // one thread runs a tensor or tile small enough that the scratch stays in its caches, where
+  // storing d costs less than recomputing it in every later pass (measured with out-channel
+  // groups on the ResNet-50 set: 1.25x fused Adam against 1.34x).
+  template <bool kRecomputeD>
   static C10_ALWAYS_INLINE Vec d_at(const AdamConstants<T>& c, const T* d, const Row& r, int64_t j, int64_t count) {
-    if constexpr (kInPlace) {
+    if constexpr (kRecomputeD) {
       return denominator(c, fast_sqrt(Vec::loadu(r.v + j, count)));
     } else {
       return Vec::loadu(d + r.scratch + j, count);

@@ -173,27 +173,6 @@ def test_float32_weighted_prox_with_a_tiny_tau(grouping: str) -> None:
         assert_all_close(a, e, rtol=5e-6, atol_factor=5e-6)
 
 
-@pytest.mark.parametrize("grouping", GROUPINGS)
-def test_float32_weighted_prox_where_v_is_zero(grouping: str) -> None:
-    # The passes after the first recompute d from v with a reciprocal square root estimate, which
-    # is infinite at v = 0; elements whose gradient has always been 0 keep v = 0 (d = eps) and
-    # must come out as the reference's (no weight decay, which would make their gradients
-    # nonzero). Tolerances as in the float32 test above.
-    params, grads = make_problem()
-    for step_grads in grads:
-        for g in step_grads:
-            g.view(-1)[::3] = 0.0
-    params32 = [p.float() for p in params]
-    grads32 = [[g.float() for g in gs] for gs in grads]
-    kwargs = dict(HYPER, weight_decay=0.0, lambda_=LAMBDAS["group_weighted"], prox="group_weighted", grouping=grouping)
-    actual = run(cpu.group_prox_adam, params32, grads32, **kwargs)
-    expected = run(reference.group_prox_adam, [p.double() for p in params32],
-                   [[g.double() for g in gs] for gs in grads32], **kwargs)
-    assert any(bool((v == 0).any()) for v in actual[2])
-    for a, e in zip(actual, expected):
-        assert_all_close(a, e, rtol=5e-6, atol_factor=5e-6)
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("grouping", GROUPINGS)
 @pytest.mark.parametrize("prox", PROXES)
@@ -275,6 +254,37 @@ def test_large_groups_and_many_tiles(prox: str) -> None:
         for a_list, e_list in zip(actual, expected):
             for a, e in zip(a_list, e_list):
                 torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12 * float(e.abs().max()))
+
+
+def test_float32_weighted_prox_on_a_tensor_all_threads_step() -> None:
+    """A float32 tensor large enough to be split into row bands, where the passes after the first
+    recompute d from v with a reciprocal square root estimate (infinite at v = 0): every third
+    gradient element is 0 at every step, so v = 0 (d = eps) there, and must come out as the
+    reference's. No weight decay, which would make those gradients nonzero. Tolerances as in
+    the float32 test above."""
+    gen = torch.Generator().manual_seed(5)
+    shape = (2100, 256, 1, 1)
+    assert math.prod(shape) >= COOPERATIVE_ELEMENTS
+    scale = torch.empty(256, dtype=torch.float64).uniform_(0.05, 1.0, generator=gen)[:, None, None]
+    p = (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).float()
+    grads = []
+    for _ in range(3):
+        g = (0.1 * torch.randn(shape, generator=gen, dtype=torch.float64)).float()
+        g.view(-1)[::3] = 0.0
+        grads.append([g])
+    kwargs = dict(HYPER, weight_decay=0.0, lambda_=20.0, prox="group_weighted", grouping="in_channel")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        actual = run(cpu.group_prox_adam, [p], grads, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+    expected = run(reference.group_prox_adam, [p.double()], [[g.double() for g in gs] for gs in grads], **kwargs)
+    for a, e in zip(actual, expected):
+        assert_all_close(a, e, rtol=5e-6, atol_factor=5e-6)
+    assert bool((actual[2][0] == 0).any())
+    zeros = zero_pattern(actual[0][0], "group_weighted", "in_channel")
+    assert zeros.any() and not zeros.all()
 
 
 @pytest.mark.parametrize("prox", ["group", "group_weighted"])
