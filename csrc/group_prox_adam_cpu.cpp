@@ -272,7 +272,7 @@ inline Vectorized<T> soft_threshold(const Vectorized<T>& z, const Vectorized<T>&
 template <typename T>
 struct Scratch {
   std::vector<T> z;      // z of the tile (or tensor) when it cannot live in p
-  std::vector<T> d;      // its Adam denominators (weighted prox, when z cannot live in p)
+  std::vector<T> d;      // its Adam denominators (weighted prox, unless d_at recomputes them)
   std::vector<T> lanes;  // per-lane partial sums, then per-lane theta or scale
 
   static Scratch& get() {
