@@ -467,15 +467,15 @@ class GroupProx {
     auto& scratch = Scratch<T>::get();
     T* const z = kInPlace ? nullptr : sized(scratch.z, t_.A * lanes_);
     T* const d = kRecomputeD ? nullptr : sized(scratch.d, t_.A * lanes_);
-    T* phi = groups_.data();  // each pass's first sum, then phi(theta)
-    T* dphi = phi + nb_;      // each pass's second sum, then phi'(theta)
-    T* theta = dphi + nb_;
+    T* s1 = groups_.data();  // each pass's first sum
+    T* s2 = s1 + nb_;        // each pass's second sum
+    T* theta = s2 + nb_;
     T* in_flight = theta + nb_;  // 1 for a group whose theta was just updated, else 0
 
     // Pass 1: Adam, and ||D z||^2 and sum (d z)^2 d, which give phi(0) = tau / ||D z|| and
     // phi'(0) = sum (d z)^2 d / ||D z||^3 without dividing by a tiny tau (see
     // reference.weighted_group_prox).
-    over_rows<2>(0, nb_, {phi, dphi}, [&](const Block<S>& blk, T* lanes, std::array<T*, 2> sums) {
+    over_rows<2>(0, nb_, {s1, s2}, [&](const Block<S>& blk, T* lanes, std::array<T*, 2> sums) {
       const AdamConstants<T> c = c_;
       T* const zs = z;
       T* const ds = d;
@@ -492,11 +492,11 @@ class GroupProx {
     // keep theta = 0.
     int64_t moved = 0;
     for (int64_t b = 0; b < nb_; ++b) {
-      const T dz_norm = std::sqrt(phi[b]);
+      const T dz_norm = std::sqrt(s1[b]);
       theta[b] = T(0);
       in_flight[b] = 0;
       if (dz_norm > tau_) {
-        theta[b] = phi[b] * (dz_norm - tau_) / dphi[b];
+        theta[b] = s1[b] * (dz_norm - tau_) / s2[b];
         if (T(1) - tau_ / dz_norm > kLastStep) {
           in_flight[b] = 1;
           ++moved;
@@ -511,7 +511,7 @@ class GroupProx {
       int64_t g_lo = 0, g_hi = nb_;
       while (in_flight[g_lo] == 0) ++g_lo;
       while (in_flight[g_hi - 1] == 0) --g_hi;
-      over_rows<2>(g_lo, g_hi, {phi, dphi}, [&](const Block<S>& blk, T* lanes, std::array<T*, 2> sums) {
+      over_rows<2>(g_lo, g_hi, {s1, s2}, [&](const Block<S>& blk, T* lanes, std::array<T*, 2> sums) {
         const AdamConstants<T> c = c_;
         const Vec tau(tau_);
         T* const zs = z;
@@ -526,11 +526,7 @@ class GroupProx {
           return std::array<Vec, 2>{q2, q2 * ratio};
         });
       });
-      for (int64_t b = g_lo; b < g_hi; ++b) {
-        phi[b] = T(1) / std::sqrt(phi[b]);
-        dphi[b] *= phi[b] * phi[b] * phi[b];
-      }
-      moved = newton_step(phi, dphi, theta, in_flight);
+      moved = newton_step(s1, s2, theta, in_flight);
     }
 
     // x_j = theta z_j d_j / (theta d_j + tau): zero for the groups left at theta = 0.
@@ -580,21 +576,22 @@ class GroupProx {
   static constexpr T kRtol = std::is_same_v<T, double> ? T(1e-12) : T(1e-6);
   static constexpr T kLastStep = std::is_same_v<T, double> ? T(1e-6) : T(1e-3);
 
-  // The Newton step of every group in flight, from phi and phi' at its theta. A group whose
-  // 1 - phi <= rtol is done. One whose 1 - phi <= sqrt(rtol) takes its update and is done too:
+  // The Newton step of every group in flight, from a pass's sums at its theta: phi = s1^(-1/2) and
+  // phi' = phi^3 s2. A group whose 1 - phi <= rtol is done. One whose 1 - phi <= sqrt(rtol) takes its update and is done too:
   // the iteration converges quadratically, so that update lands within rtol without another
   // pass over the tensor to confirm it. The others move theta on and stay in flight. Returns
   // how many stay in flight.
-  int64_t newton_step(const T* phi, const T* dphi, T* theta, T* in_flight) const {
+  int64_t newton_step(const T* s1, const T* s2, T* theta, T* in_flight) const {
     int64_t in_flight_count = 0;
     for (int64_t b = 0; b < nb_; ++b) {
       if (in_flight[b] == 0) continue;
-      const T gap = T(1) - phi[b];
+      const T phi = T(1) / std::sqrt(s1[b]);
+      const T gap = T(1) - phi;
       if (gap <= kRtol) {
         in_flight[b] = 0;
         continue;
       }
-      theta[b] = std::max(theta[b] + gap / dphi[b], T(0));
+      theta[b] = std::max(theta[b] + gap / (s2[b] * (phi * phi * phi)), T(0));
       if (gap <= kLastStep) {
         in_flight[b] = 0;
       } else {
