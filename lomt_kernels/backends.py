@@ -7,6 +7,7 @@ returns ``None`` when the backend can run on ``device`` and otherwise says what 
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Callable
 
@@ -37,11 +38,14 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
     return module.unavailable_reason(device)
 
 
+@functools.cache
 def resolve(name: str, device: torch.device) -> tuple[str, Callable[..., None]]:
     """The backend to use for params on ``device``: ``(name, step_function)``.
 
     ``"auto"`` takes the first available backend in the order fastest first; a backend
-    asked for by name that cannot run is a ``RuntimeError`` saying why.
+    asked for by name that cannot run is a ``RuntimeError`` saying why. An answer is kept for
+    the process (the optimizer asks on every step, and a backend that could run stays able
+    to); a refusal is not.
     """
     if name == "auto":
         for candidate in _PREFERENCE.get(device.type, ("torch",)):

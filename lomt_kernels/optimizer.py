@@ -144,8 +144,10 @@ class FusedGroupProxAdam(Optimizer):
                     step = torch.as_tensor(p_state["step"], dtype=torch.float32)
                     p_state["step"] = step.to(p.device if group["capturable"] else "cpu")
 
-    def _init_group(self, group: dict[str, Any]) -> tuple[list[Tensor], ...]:
-        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+    def _init_group(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor], set[int]]:
+        """The group's params that have grads, with their grads, ``exp_avg``, ``exp_avg_sq`` and
+        ``step`` (created on first use), and the positions of the DTensors among them."""
+        params, grads, exp_avgs, exp_avg_sqs, steps, sharded = [], [], [], [], [], set()
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -155,20 +157,23 @@ class FusedGroupProxAdam(Optimizer):
                     "torch.optim.SparseAdam for embeddings with sparse=True"
                 )
             state = self.state[p]
+            dtensor = distributed.is_dtensor(p)
             if not state:
                 state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device if group["capturable"] else "cpu")
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            elif distributed.is_dtensor(p):
+            elif dtensor:
                 # A plain load_state_dict may have left full tensors or other placements.
                 for key in ("exp_avg", "exp_avg_sq"):
                     state[key] = distributed.align_state(p, state[key])
+            if dtensor:
+                sharded.add(len(params))
             params.append(p)
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
-        return params, grads, exp_avgs, exp_avg_sqs, steps
+        return params, grads, exp_avgs, exp_avg_sqs, steps, sharded
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -188,7 +193,7 @@ class FusedGroupProxAdam(Optimizer):
                 return loss
 
         for group in self.param_groups:
-            params, grads, exp_avgs, exp_avg_sqs, steps = self._init_group(group)
+            params, grads, exp_avgs, exp_avg_sqs, steps, sharded = self._init_group(group)
             if not params:
                 continue
             beta1, beta2 = group["betas"]
@@ -207,11 +212,8 @@ class FusedGroupProxAdam(Optimizer):
                 grouping=group["grouping"],
             )
             by_device: dict[torch.device, list[int]] = {}
-            sharded: list[int] = []
             for i, p in enumerate(params):
-                if distributed.is_dtensor(p):
-                    sharded.append(i)
-                else:
+                if i not in sharded:
                     by_device.setdefault(p.device, []).append(i)
             for device, idx in by_device.items():
                 name, step_fn = backends.resolve(group["backend"], device)
@@ -226,7 +228,7 @@ class FusedGroupProxAdam(Optimizer):
             if sharded:
                 # DTensor params (FSDP2, tensor parallel): local shards, with cross-rank group norms.
                 distributed.sharded_group_prox_adam(
-                    *([tensors[i] for i in sharded] for tensors in (params, grads, exp_avgs, exp_avg_sqs, steps)),
+                    *([tensors[i] for i in sorted(sharded)] for tensors in (params, grads, exp_avgs, exp_avg_sqs, steps)),
                     backend=group["backend"],
                     **hyper,
                     grad_scale=grad_scale,

@@ -121,15 +121,9 @@ def group_prox_adam(
     """
     if not _loaded:
         build()
-    for i, (p, g) in enumerate(zip(params, grads)):
-        if g.dtype != p.dtype:
-            raise TypeError(
-                f"backend 'cpu' needs grads in the param's dtype; tensor {i} has a {p.dtype} param and a "
-                f"{g.dtype} grad (backend='torch' takes mixed dtypes)"
-            )
     works = work_tensors(
         params, grads, exp_avgs, exp_avg_sqs, prox=prox, lambda_=lambda_, grouping=grouping,
-        dtypes=(*HALF_AND_FLOAT, torch.float64),
+        grad_dtype="reject", dtypes=(*HALF_AND_FLOAT, torch.float64),
     )
     if not works:
         return

@@ -119,7 +119,7 @@ def group_prox_adam(
     )
     works = work_tensors(
         params, grads, exp_avgs, exp_avg_sqs, prox=prox, lambda_=lambda_, grouping=grouping,
-        grads_in_param_dtype=True,
+        grad_dtype="cast",
     )
     if not works:
         return

@@ -22,7 +22,7 @@ def is_dense(t: Tensor) -> bool:
 
 class WorkTensors(NamedTuple):
     """What a kernel works on for one param: ``p, g, m, v`` in one dense layout, the layout,
-    and the prox this tensor takes."""
+    the prox this tensor takes, and whether ``p``, ``m`` or ``v`` is a copy to write back."""
 
     p: Tensor
     g: Tensor
@@ -30,11 +30,16 @@ class WorkTensors(NamedTuple):
     v: Tensor
     layout: GroupLayout
     prox: str
+    copied: bool
+
+
+#: What :func:`work_tensors` does with a grad whose dtype is not its param's.
+GRAD_DTYPE_POLICIES = ("keep", "cast", "reject")
 
 
 def work_tensors(
     params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], *,
-    prox: str, lambda_: float, grouping: str, grads_in_param_dtype: bool = False,
+    prox: str, lambda_: float, grouping: str, grad_dtype: str = "keep",
     dtypes: tuple[torch.dtype, ...] = HALF_AND_FLOAT,
 ) -> dict[int, WorkTensors]:
     """:class:`WorkTensors` for every non-empty param of one of ``dtypes``, by index.
@@ -44,33 +49,52 @@ def work_tensors(
     ``l1`` are elementwise and need dense storage (``[1, 1, numel]``). A tensor without one is
     replaced by a contiguous copy; ``g``, ``m`` and ``v`` are copied unless they share ``p``'s
     strides, which they normally do (``m`` and ``v`` are created with ``preserve_format``,
-    autograd matches grads to their param). :func:`write_back` copies results back.
-    Params of other float dtypes are left out (float64 goes to :func:`float64_on_reference`
-    for kernels that only compute in float32).
+    autograd matches grads to their param). :func:`write_back` copies results back. A grad of
+    another dtype than its param is kept, cast to the param's dtype, or rejected with a
+    ``TypeError``, as ``grad_dtype`` says. Params of other float dtypes are left out (float64
+    goes to :func:`float64_on_reference` for kernels that only compute in float32).
+
+    This runs on every step for every param, so it reads each tensor's strides once and does
+    nothing more for the usual case, a dense param whose grad and state share its strides.
     """
+    if grad_dtype not in GRAD_DTYPE_POLICIES:
+        raise ValueError(f"unknown grad_dtype={grad_dtype!r}: expected one of {GRAD_DTYPE_POLICIES}")
+    takes_prox = prox != "none" and lambda_ != 0
+    group_prox = prox in ("group", "group_weighted")
     works = {}
     for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
-        if p.numel() == 0 or (p.dtype == torch.float64 and torch.float64 not in dtypes):
+        dtype = p.dtype
+        if p.numel() == 0 or (dtype == torch.float64 and torch.float64 not in dtypes):
             continue
-        if p.dtype not in dtypes or m.dtype != p.dtype or v.dtype != p.dtype:
+        if dtype not in dtypes or m.dtype != dtype or v.dtype != dtype:
             raise TypeError(
                 f"the fused kernels take {', '.join(map(str, dtypes))} params with exp_avg and "
-                f"exp_avg_sq of the param's dtype; got {p.dtype}, {m.dtype} and {v.dtype}"
+                f"exp_avg_sq of the param's dtype; got {dtype}, {m.dtype} and {v.dtype}"
             )
-        tensor_prox = prox if prox != "none" and lambda_ != 0 and is_grouped(p) else "none"
-        grouped = tensor_prox in ("group", "group_weighted")
+        g_dtype = g.dtype
+        if g_dtype != dtype:
+            if grad_dtype == "reject":
+                raise TypeError(
+                    f"this backend needs grads in the param's dtype; tensor {i} has a {dtype} param and a "
+                    f"{g_dtype} grad (backend='torch' takes mixed dtypes)"
+                )
+            if grad_dtype == "cast":
+                g_dtype = dtype
+        tensor_prox = prox if takes_prox and is_grouped(p) else "none"
+        grouped = group_prox and tensor_prox != "none"
         layout = group_layout(p, grouping) if grouped else GroupLayout(1, 1, p.numel()) if is_dense(p) else None
-        if layout is None:
+        copied = layout is None
+        if copied:
             p = p.contiguous()
             layout = group_layout(p, grouping) if grouped else GroupLayout(1, 1, p.numel())
-
-        def like_p(t: Tensor, dtype: torch.dtype) -> Tensor:
-            if t.stride() == p.stride() and t.dtype == dtype:
-                return t
-            return torch.empty_like(p, dtype=dtype).copy_(t)
-
-        g = like_p(g, p.dtype if grads_in_param_dtype else g.dtype)
-        works[i] = WorkTensors(p, g, like_p(m, m.dtype), like_p(v, v.dtype), layout, tensor_prox)
+        stride = p.stride()
+        if g.stride() != stride or g.dtype != g_dtype:
+            g = torch.empty_like(p, dtype=g_dtype).copy_(g)
+        if m.stride() != stride:
+            m, copied = torch.empty_like(p).copy_(m), True
+        if v.stride() != stride:
+            v, copied = torch.empty_like(p).copy_(v), True
+        works[i] = WorkTensors(p, g, m, v, layout, tensor_prox, copied)
     return works
 
 
@@ -78,9 +102,10 @@ def write_back(params: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[T
                works: dict[int, WorkTensors]) -> None:
     """Copy the results of the tensors :func:`work_tensors` had to copy back into place."""
     for i, work in works.items():
-        for target, result in ((params[i], work.p), (exp_avgs[i], work.m), (exp_avg_sqs[i], work.v)):
-            if result is not target:
-                target.copy_(result)
+        if work.copied:
+            for target, result in ((params[i], work.p), (exp_avgs[i], work.m), (exp_avg_sqs[i], work.v)):
+                if result is not target:
+                    target.copy_(result)
 
 
 def float64_on_reference(
