@@ -287,6 +287,38 @@ def test_float32_weighted_prox_on_a_tensor_all_threads_step() -> None:
     assert zeros.any() and not zeros.all()
 
 
+def test_weighted_prox_last_newton_update_lands_within_tolerance() -> None:
+    """The kernel ends Newton's iteration with an update it does not check by another pass only
+    when a bound on phi'' shows that the update lands within rtol (1e-12 in float64). Its groups
+    here are the hard case for that bound: d spread over up to four decades, with one to three
+    elements at d = 1 and the rest at one small d, and ||D z|| from 1 to 21 tau. Every group must
+    come out as the reference's solved to machine precision, within what rtol allows: a gap of
+    rtol in phi moves theta by rtol / (theta phi'), at most 5.5e-12 relative on these groups, so
+    1e-10 leaves room for rounding. Measured: 1.5e-12; with the bound's variance term left out,
+    1.3e-7."""
+    gen = torch.Generator().manual_seed(7)
+    rows, groups, t, lr, lambda_ = 64, 400, 10.0, 1e-3, 1.0
+    tau = lr * lambda_ * math.sqrt(rows)
+    d = 10.0 ** -(4 * torch.rand(1, groups, generator=gen, dtype=torch.float64)).expand(rows, groups).clone()
+    for b, k in enumerate(torch.randint(1, 4, (groups,), generator=gen).tolist()):
+        d[torch.randperm(rows, generator=gen)[:k], b] = 1.0
+    z = torch.randn(rows, groups, generator=gen, dtype=torch.float64)
+    ratio = 1 + 20 * torch.rand(groups, generator=gen, dtype=torch.float64)
+    z *= ratio * tau / (z * d).norm(dim=0)
+    # One step from these params with g = 0 and m = 0 takes z = p and d from v exactly as the
+    # reference does: d = sqrt(beta2 v) / sqrt(1 - beta2^t) + eps.
+    beta2, eps = HYPER["beta2"], HYPER["eps"]
+    v = ((d - eps) * math.sqrt(1 - beta2**t)).square() / beta2
+    d = (beta2 * v).sqrt() / math.sqrt(1 - beta2**t) + eps
+    p, m = z.clone(), torch.zeros_like(z)
+    kwargs = dict(HYPER, lr=lr, weight_decay=0.0, lambda_=lambda_, prox="group_weighted", grouping="in_channel")
+    cpu.group_prox_adam([p], [torch.zeros_like(z)], [m], [v], [torch.tensor(t)], **kwargs)
+    expected = reference.weighted_group_prox(z, d, tau, "in_channel", rtol=0.0)
+    assert bool((expected != 0).all())
+    error = ((p - expected).norm(dim=0) / expected.norm(dim=0)).max()
+    assert error <= 1e-10, f"largest relative error of a group: {float(error):.2e}"
+
+
 @pytest.mark.parametrize("prox", ["group", "group_weighted"])
 def test_half_precision_large_tensor(prox: str) -> None:
     """A bfloat16 tensor large enough to be split into row bands across threads, its z and d
