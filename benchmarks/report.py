@@ -251,10 +251,10 @@ def render(results: list[SetResult], device: str, threads: int, repeats: int, sh
         parts.append(
             "* **Measured on a shared VM**: what it gets moves with the host's load, from one "
             "second to the next. Fused Adam alone takes 8 to 16 ms on the ResNet-50 set. In the "
-            "windows where it runs fastest (about 8.5 ms) the weighted prox's Newton passes, "
-            "which only read z and v, run 2 to 2.5x slower than usual: the weighted step "
-            "reaches about 2.2x Adam there (1.6-1.9x in the others), and the `weighted-traffic` "
-            "row about 1.7-1.9x. Compare ratios within one run, not times across runs."
+            "windows where it runs fastest (8 to 9 ms), streams that write speed up more than "
+            "streams that only read, such as the weighted prox's Newton passes: the weighted "
+            "step measured 1.9-2.1x Adam there (1.5-1.7x in the others), and the "
+            "`weighted-traffic` row 1.7-1.9x. Compare ratios within one run, not times across runs."
         )
     for backend, reason in skipped.items():
         parts.append(f"* Skipped backend `{backend}`: {reason}")
