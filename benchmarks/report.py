@@ -253,7 +253,7 @@ def render(results: list[SetResult], device: str, threads: int, repeats: int, sh
             "second to the next. Fused Adam alone takes 8 to 16 ms on the ResNet-50 set. In the "
             "windows where it runs fastest (8 to 9 ms), streams that write speed up more than "
             "streams that only read, such as the weighted prox's Newton passes: the weighted "
-            "step measured 1.9-2.1x Adam there (1.5-1.7x in the others), the `weighted-traffic` "
+            "step measured 1.9-2.1x Adam there (1.5-1.8x in the others), the `weighted-traffic` "
             "row 1.7-2.0x, and the group step up to 1.28x (1.1-1.2x in the others). Compare "
             "ratios within one run, not times across runs."
         )
