@@ -12,6 +12,7 @@ from torch import nn
 
 from lomt_kernels import FusedGroupProxAdam, group_sparsity, prox_param_groups
 from lomt_kernels.grouping import as_groups, from_groups, group_layout
+from lomt_kernels.kernels.prepare import work_tensors, write_back
 from lomt_kernels.reference import group_shrink, l1_shrink, weighted_group_prox
 
 
@@ -135,6 +136,30 @@ def test_group_views_round_trip():
     assert group_layout(w, "out_channel") == (1, 4, 12)
     assert group_layout(w.transpose(0, 1), "in_channel") is None
     assert group_layout(torch.randn(5), "in_channel") is None
+
+
+@pytest.mark.parametrize("policy", ["keep", "cast", "reject"])
+def test_work_tensors_grad_dtype_and_copies(policy):
+    """What every fused backend steps: a dense param and its state as they are, a transposed
+    param as a contiguous copy to write back, and a grad of another dtype kept, cast or refused."""
+    dense, transposed = torch.randn(4, 3, 2, 2), torch.randn(3, 5).t()
+    params = [dense, transposed]
+    grads = [torch.randn(4, 3, 2, 2, dtype=torch.bfloat16), torch.randn(5, 3)]
+    state = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+    kwargs = dict(prox="group", lambda_=1.0, grouping="in_channel", grad_dtype=policy)
+    if policy == "reject":
+        with pytest.raises(TypeError, match="tensor 0 has a torch.float32 param and a torch.bfloat16 grad"):
+            work_tensors(params, grads, *state, **kwargs)
+        return
+    works = work_tensors(params, grads, *state, **kwargs)
+    assert works[0].p is dense and works[0].m is state[0][0] and not works[0].copied
+    assert works[0].g.dtype == (torch.float32 if policy == "cast" else torch.bfloat16)
+    assert works[0].layout == (4, 3, 4)
+    assert works[1].copied and works[1].p is not transposed and works[1].p.is_contiguous()
+    assert works[1].layout == (5, 3, 1) and torch.equal(works[1].p, transposed)
+    works[1].p.add_(1.0)
+    write_back(params, *state, works)
+    assert torch.equal(transposed, works[1].p)
 
 
 def test_prox_reaches_exact_zero_and_leaves_1d_params_alone():
