@@ -144,7 +144,9 @@ class FusedGroupProxAdam(Optimizer):
                     step = torch.as_tensor(p_state["step"], dtype=torch.float32)
                     p_state["step"] = step.to(p.device if group["capturable"] else "cpu")
 
-    def _init_group(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor], set[int]]:
+    def _init_group(
+        self, group: dict[str, Any]
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor], set[int]]:
         """The group's params that have grads, with their grads, ``exp_avg``, ``exp_avg_sq`` and
         ``step`` (created on first use), and the positions of the DTensors among them."""
         params, grads, exp_avgs, exp_avg_sqs, steps, sharded = [], [], [], [], [], set()
