@@ -363,35 +363,32 @@ class Block {
     const int64_t j_lo = g_lo * K, j_hi = g_hi * K;
     for (int i = 0; i < N; ++i) std::fill(lanes + i * L + j_lo, lanes + i * L + j_hi, T(0));
     int64_t a = a0_;
-    for (; a + kRows <= a1_ && kRows > 1; a += kRows) {
-      std::array<Row, kRows> rows;
-      for (int k = 0; k < kRows; ++k) rows[k] = row(a + k);
-      for_vectors<T>(j_lo, j_hi, [&](int64_t j, int64_t count) {
-        std::array<Vec, N> acc;
-        for (int i = 0; i < N; ++i) acc[i] = Vec::loadu(lanes + i * L + j, count);
-        for (const Row& r : rows) {
-          auto terms = f(r, j, count);
-          for (int i = 0; i < N; ++i) acc[i] = acc[i] + terms[i];
-        }
-        for (int i = 0; i < N; ++i) acc[i].store(lanes + i * L + j, count);
-      });
-    }
-    for (; a < a1_; ++a) {
-      const Row r = row(a);
-      for_vectors<T>(j_lo, j_hi, [&](int64_t j, int64_t count) {
-        auto terms = f(r, j, count);
-        for (int i = 0; i < N; ++i) {
-          T* acc = lanes + i * L + j;
-          (Vec::loadu(acc, count) + terms[i]).store(acc, count);
-        }
-      });
-    }
+    for (; a + kRows <= a1_; a += kRows) add_rows<kRows, N>(a, j_lo, j_hi, lanes, f);
+    for (; a < a1_; ++a) add_rows<1, N>(a, j_lo, j_hi, lanes, f);
     for (int i = 0; i < N; ++i) {
       for (int64_t b = g_lo; b < g_hi; ++b) {
         const T* acc = lanes + i * L + b * K;
         sums[i][b] = std::accumulate(acc, acc + K, T(0));
       }
     }
+  }
+
+  // Adds f(row, j, count)'s N terms for the rows [a, a + kRows) into the per-lane sums of lanes
+  // [j_lo, j_hi) (N arrays of L values in `lanes`), loading and storing each vector of sums once.
+  template <int kRows, int N, class F>
+  C10_ALWAYS_INLINE void add_rows(int64_t a, int64_t j_lo, int64_t j_hi, T* lanes, F& f) const {
+    const int64_t L = L_;
+    std::array<Row, kRows> rows;
+    for (int k = 0; k < kRows; ++k) rows[k] = row(a + k);
+    for_vectors<T>(j_lo, j_hi, [&](int64_t j, int64_t count) {
+      std::array<Vec, N> acc;
+      for (int i = 0; i < N; ++i) acc[i] = Vec::loadu(lanes + i * L + j, count);
+      for (const Row& r : rows) {
+        auto terms = f(r, j, count);
+        for (int i = 0; i < N; ++i) acc[i] = acc[i] + terms[i];
+      }
+      for (int i = 0; i < N; ++i) acc[i].store(lanes + i * L + j, count);
+    });
   }
 
   // Calls f(row, j, count) for every vector of lanes [0, L) of every row, in reverse address
