@@ -152,10 +152,10 @@ def test_work_tensors_grad_dtype_and_copies(policy):
             work_tensors(params, grads, *state, **kwargs)
         return
     works = work_tensors(params, grads, *state, **kwargs)
-    assert works[0].p is dense and works[0].m is state[0][0] and not works[0].copied
+    assert works[0].p is dense and works[0].m is state[0][0] and works[0].v is state[1][0]
     assert works[0].g.dtype == (torch.float32 if policy == "cast" else torch.bfloat16)
     assert works[0].layout == (4, 3, 4)
-    assert works[1].copied and works[1].p is not transposed and works[1].p.is_contiguous()
+    assert works[1].p is not transposed and works[1].p.is_contiguous()
     assert works[1].layout == (5, 3, 1) and torch.equal(works[1].p, transposed)
     works[1].p.add_(1.0)
     write_back(params, *state, works)

@@ -22,7 +22,7 @@ def is_dense(t: Tensor) -> bool:
 
 class WorkTensors(NamedTuple):
     """What a kernel works on for one param: ``p, g, m, v`` in one dense layout, the layout,
-    the prox this tensor takes, and whether ``p``, ``m`` or ``v`` is a copy to write back."""
+    and the prox this tensor takes."""
 
     p: Tensor
     g: Tensor
@@ -30,7 +30,6 @@ class WorkTensors(NamedTuple):
     v: Tensor
     layout: GroupLayout
     prox: str
-    copied: bool
 
 
 #: What :func:`work_tensors` does with a grad whose dtype is not its param's.
@@ -83,18 +82,17 @@ def work_tensors(
         tensor_prox = prox if takes_prox and is_grouped(p) else "none"
         grouped = group_prox and tensor_prox != "none"
         layout = group_layout(p, grouping) if grouped else GroupLayout(1, 1, p.numel()) if is_dense(p) else None
-        copied = layout is None
-        if copied:
+        if layout is None:
             p = p.contiguous()
             layout = group_layout(p, grouping) if grouped else GroupLayout(1, 1, p.numel())
         stride = p.stride()
         if g.stride() != stride or g.dtype != g_dtype:
             g = torch.empty_like(p, dtype=g_dtype).copy_(g)
         if m.stride() != stride:
-            m, copied = torch.empty_like(p).copy_(m), True
+            m = torch.empty_like(p).copy_(m)
         if v.stride() != stride:
-            v, copied = torch.empty_like(p).copy_(v), True
-        works[i] = WorkTensors(p, g, m, v, layout, tensor_prox, copied)
+            v = torch.empty_like(p).copy_(v)
+        works[i] = WorkTensors(p, g, m, v, layout, tensor_prox)
     return works
 
 
@@ -102,10 +100,9 @@ def write_back(params: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[T
                works: dict[int, WorkTensors]) -> None:
     """Copy the results of the tensors :func:`work_tensors` had to copy back into place."""
     for i, work in works.items():
-        if work.copied:
-            for target, result in ((params[i], work.p), (exp_avgs[i], work.m), (exp_avg_sqs[i], work.v)):
-                if result is not target:
-                    target.copy_(result)
+        for target, result in ((params[i], work.p), (exp_avgs[i], work.m), (exp_avg_sqs[i], work.v)):
+            if result is not target:
+                target.copy_(result)
 
 
 def float64_on_reference(
