@@ -34,7 +34,8 @@
 //   small enough that z is still in L2 for the rescale, so memory sees the same 28 bytes.
 // * In-channel groups (A > 1) are strided (group b is a run of K elements in every row). Pass 1
 //   is the Adam update over whole rows, writing z into p and adding each lane's z^2 into per-lane
-//   sums one row long, reduced over each group's K lanes at the end; pass 2 rescales z in place,
+//   sums one row long, reduced over each group's K lanes at the end (3x3 groups are summed in
+//   registers instead, with AVX-512: see Block::reduce); pass 2 rescales z in place,
 //   backwards, so that it starts with the lines pass 1 touched last, the likeliest to be still
 //   cached. It re-reads z from cache for small tensors and mostly from memory for large ones:
 //   up to 36 bytes per param.
@@ -331,17 +332,21 @@ class Block {
   // Calls f(row, j, count) -> std::array<Vec, N> for every vector of lanes [g_lo K, g_hi K) of
   // every row, and sets sums[i][b] (b in [g_lo, g_hi)) to the sum over the rows and over the
   // K lanes of group b of the i-th returned vector. Lanes past `count` in f's results are
-  // ignored. `lanes` is scratch for N L values. With kRows > 1, short groups are summed kRows
-  // rows at a time, so each vector of per-lane sums is loaded and stored once per kRows rows
-  // instead of once per row. That pays in a pass that only reads (the weighted prox's Newton
-  // passes), whose per-lane sums outgrow L1 for rows of a few thousand lanes: 0.4 ms less per
-  // pass on the ResNet-50 set with 4 rows, and no better with 8. A pass that also writes (pass
-  // 1) measured 1.6 ms slower this way: it streams four arrays, from kRows rows at once. Its
-  // sums still cost: in a window where fused Adam takes 8.4 ms, pass 1 takes 7.8 ms without
-  // them and 9.6 ms with the weighted prox's two, over half of that because the sums of a row
-  // of more than about 1,400 lanes leave L1 while the row's four arrays stream through it.
-  // Cutting the rows into column chunks whose sums stay in L1 measured slower still (strided
-  // rows read slowly), as did 2 rows at once only for the rows whose sums overflow L1.
+  // ignored. `lanes` is scratch for N L values.
+  //
+  // Short groups are summed through per-lane sums one row long, which outgrow L1 for rows of
+  // more than about 1,400 lanes (3x3 convs with 256 or more input channels, 1x1 convs with
+  // 2,048). With kRows > 1 they are summed kRows rows at a time, so each vector of per-lane sums
+  // is loaded and stored once per kRows rows. That pays in a pass that only reads (the weighted
+  // prox's Newton passes): 0.4 ms less per pass on the ResNet-50 set with 4 rows, and no better
+  // with 8. A pass that also writes (pass 1, kRows == 1) measured 1.6 ms slower this way: it
+  // streams four arrays, from kRows rows at once. There, in a window where fused Adam takes
+  // 8.4 ms, the weighted prox's two per-lane sums made pass 1 take 9.6 ms against 7.8 ms
+  // without them, over half of that because they left L1 while the row's four arrays streamed
+  // through it (column chunks whose sums stay in L1 measured slower still: strided rows read
+  // slowly). So pass 1 sums 3x3 groups in registers instead (sum_3x3): 4.7% less for the
+  // weighted step on the ResNet-50 set (16.0 against 16.8 ms, fused Adam 8.6 ms), the same for
+  // the group step, whose one per-lane sum fits L1. The Newton passes measured 4% slower that way.
   template <int N, int kRows = 1, class F>
   C10_ALWAYS_INLINE void reduce(int64_t g_lo, int64_t g_hi, T* lanes, const std::array<T*, N>& sums, F&& f) const {
     const int64_t K = K_, L = L_;
@@ -365,6 +370,16 @@ class Block {
       }
       return;
     }
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (kRows == 1 && std::is_same_v<T, float>) {
+      if (K == 9) {
+        const int64_t g_mid = g_lo + (g_hi - g_lo) / 16 * 16;
+        sum_3x3<N>(g_lo, g_mid, sums, f);
+        if (g_mid == g_hi) return;
+        g_lo = g_mid;  // fewer than 16 groups left: per-lane sums
+      }
+    }
+#endif
     const int64_t j_lo = g_lo * K, j_hi = g_hi * K;
     for (int i = 0; i < N; ++i) std::fill(lanes + i * L + j_lo, lanes + i * L + j_hi, T(0));
     int64_t a = a0_;
@@ -377,6 +392,66 @@ class Block {
       }
     }
   }
+
+#if defined(CPU_CAPABILITY_AVX512)
+  // reduce's sums for groups of K = 9 lanes (3x3 convs), in float, for the groups [g_lo, g_hi)
+  // with g_hi - g_lo a multiple of 16, without per-lane sums. Sixteen groups are 144 lanes,
+  // nine whole vectors (a chunk), so each row's terms are summed per group in registers: for y
+  // the chunk's 144 terms (zero past it), the window sums w[n] = sum_{k<9} y[n + k] are built
+  // by doubling (pairs y[n] + y[n + 1], then quads, eights, and y[n + 8]), and group g's sum is
+  // w[9 g], moved from lane 9 g mod 16 of the chunk's vector 9 g / 16 to lane g. A vector's
+  // window sums need the next vector's first lanes, so they are made three vectors after its
+  // terms, keeping 9 registers per sum live.
+  template <int N, class F>
+  C10_ALWAYS_INLINE void sum_3x3(int64_t g_lo, int64_t g_hi, const std::array<T*, N>& sums, F& f) const {
+    static_assert(std::is_same_v<T, float> && kVec == 16);
+    const __m512i lane_of_group = _mm512_setr_epi32(0, 9, 2, 11, 4, 13, 6, 15, 8, 1, 10, 3, 12, 5, 14, 7);
+    // Bit g of kGroupsIn[k] is set if vector k of a chunk holds lane 9 g.
+    constexpr __mmask16 kGroupsIn[9] = {0x3, 0xc, 0x30, 0xc0, 0x100, 0x600, 0x1800, 0x6000, 0x8000};
+    const __m512 zero = _mm512_setzero_ps();
+    for (int i = 0; i < N; ++i) std::fill(sums[i] + g_lo, sums[i] + g_hi, T(0));
+    for (int64_t a = a0_; a < a1_; ++a) {
+      const Row r = row(a);
+      for (int64_t b = g_lo; b < g_hi; b += 16) {
+        // At step k: y0..y3 the terms of vectors k..k-3, pairs of k-1 (a0) and k-2 (a1),
+        // quads of k-2 (q0) and k-3 (q1).
+        std::array<__m512, N> y0, y1, y2, y3, a0, a1, q0, q1, chunk;
+        for (int i = 0; i < N; ++i) y1[i] = y2[i] = y3[i] = a1[i] = q1[i] = chunk[i] = zero;
+        for (int k = 0; k < 12; ++k) {
+          if (k < 9) {
+            const auto terms = f(r, 9 * b + k * kVec, kVec);
+            for (int i = 0; i < N; ++i) y0[i] = terms[i];
+          } else {
+            y0.fill(zero);
+          }
+          for (int i = 0; i < N; ++i) {
+            if (k >= 1) a0[i] = _mm512_add_ps(y1[i], shift_in<1>(y1[i], y0[i]));
+            if (k >= 2) q0[i] = _mm512_add_ps(a1[i], shift_in<2>(a1[i], a0[i]));
+            if (k >= 3) {
+              const __m512 eights = _mm512_add_ps(q1[i], shift_in<4>(q1[i], q0[i]));
+              const __m512 w = _mm512_add_ps(eights, shift_in<8>(y3[i], y2[i]));
+              chunk[i] = _mm512_mask_permutexvar_ps(chunk[i], kGroupsIn[k - 3], lane_of_group, w);
+            }
+            y3[i] = y2[i];
+            y2[i] = y1[i];
+            y1[i] = y0[i];
+            a1[i] = a0[i];
+            q1[i] = q0[i];
+          }
+        }
+        for (int i = 0; i < N; ++i) {
+          _mm512_storeu_ps(sums[i] + b, _mm512_add_ps(_mm512_loadu_ps(sums[i] + b), chunk[i]));
+        }
+      }
+    }
+  }
+
+  // Lanes [kShift, 16) of x followed by lanes [0, kShift) of next: lane n holds element n + kShift.
+  template <int kShift>
+  static C10_ALWAYS_INLINE __m512 shift_in(__m512 x, __m512 next) {
+    return _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(next), _mm512_castps_si512(x), kShift));
+  }
+#endif
 
   // Adds f(row, j, count)'s N terms for the rows [a, a + kRows) into the per-lane sums of lanes
   // [j_lo, j_hi) (N arrays of L values in `lanes`), loading and storing each vector of sums once.
