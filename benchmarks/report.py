@@ -7,7 +7,8 @@ tables and writes them, with the machine, versions, thread count and date, to
 ``benchmarks/RESULTS.md``.
 
 Columns: ms per step (median, and the range over rounds), the ratio to
-``torch.optim.Adam(fused=True)`` on the same set, the effective bandwidth against the bytes a
+``torch.optim.Adam(fused=True)`` on the same set (the median of each round's ratio to a fused
+Adam step timed just before it), the effective bandwidth against the bytes a
 one-pass fp32 step must move (28 B/param: read p, g, m, v; write p, m, v) and the fraction of
 groups (elements, for l1) the step left at zero.
 """
@@ -21,18 +22,20 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .baselines import PUBLISHED_NEWTON_ITERS, Method, MethodSpec, all_specs, skip_reason
+from .baselines import FLOOR, PUBLISHED_NEWTON_ITERS, Method, MethodSpec, all_specs, skip_reason
 from .params import BYTES_PER_PARAM, SWEEP_SIZES_M, ParamSet, build_set, set_names
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 #: Rounds of the slow published baseline, whatever ``--repeats`` says.
 PUBLISHED_MAX_ROUNDS = 3
 QUICK_SIZES_M = (0.25, 1.0)
+#: The method every ratio is to: torch.optim.Adam(fused=True).
+FLOOR_KEY = FLOOR[0].key
 
 
 @dataclass
@@ -41,10 +44,22 @@ class Row:
     times_ms: list[float]
     zeroed: float | None = None
     skipped: str | None = None
+    #: Round k's fused-Adam step, timed just before this method's round k (empty for the floor).
+    floor_ms: list[float] = field(default_factory=list)
 
     @property
     def median(self) -> float:
         return statistics.median(self.times_ms)
+
+    @property
+    def ratio(self) -> float | None:
+        """The median over rounds of ``times_ms[k] / floor_ms[k]``: 1 for the floor itself,
+        ``None`` where no floor ran."""
+        if self.spec.key == FLOOR_KEY:
+            return 1.0
+        if not self.floor_ms:
+            return None
+        return statistics.median(t / f for t, f in zip(self.times_ms, self.floor_ms))
 
 
 @dataclass
@@ -70,9 +85,12 @@ def run_set(pset: ParamSet, device: str, repeats: int, log=print) -> SetResult:
     """Time every available method on ``pset`` with interleaved rounds.
 
     All methods are built first; round ``k`` of every method runs before round ``k + 1`` of
-    any, so a change in the machine's speed during the run touches every method alike and the
-    ratios stay comparable. The slow published baseline takes at most
-    :data:`PUBLISHED_MAX_ROUNDS` rounds and no warm-up; the others take one warm-up round.
+    any, so a change in the machine's speed during the run touches every method alike. Each
+    round of a method other than fused Adam also times a fused-Adam step just before it, so that
+    its ratio to the floor (:attr:`Row.ratio`) compares two steps run within milliseconds of each
+    other: on a shared VM, the medians of two methods can come from different speeds of the host.
+    The slow published baseline takes at most :data:`PUBLISHED_MAX_ROUNDS` rounds and no warm-up;
+    the others take one warm-up round.
     """
     rows = [Row(spec, [], skipped=skip_reason(spec, device)) for spec in all_specs()]
     methods = {row.spec.key: Method(row.spec, pset) for row in rows if row.skipped is None}
@@ -80,10 +98,14 @@ def run_set(pset: ParamSet, device: str, repeats: int, log=print) -> SetResult:
     for key, method in methods.items():
         if key != "published-weighted":
             time_step(method)
+    floor = methods.get(FLOOR_KEY)
     for k in range(repeats):
         for row in rows:
-            if row.skipped is None and k < rounds[row.spec.key]:
-                row.times_ms.append(time_step(methods[row.spec.key]))
+            key = row.spec.key
+            if row.skipped is None and k < rounds[key]:
+                if floor is not None and key != FLOOR_KEY:
+                    row.floor_ms.append(time_step(floor))
+                row.times_ms.append(time_step(methods[key]))
     for row in rows:
         if row.skipped is None:
             row.zeroed = methods[row.spec.key].zero_group_fraction() if row.spec.prox != "none" else None
@@ -110,7 +132,6 @@ def _fmt_ms(ms: float) -> str:
 
 
 def set_table(result: SetResult) -> str:
-    floor = result.row("adam-fused")
     lines = [
         f"### {result.name}: {result.description}",
         "",
@@ -121,7 +142,7 @@ def set_table(result: SetResult) -> str:
         if row.skipped is not None:
             continue
         gbs = BYTES_PER_PARAM * result.numel / (row.median / 1e3) / 1e9
-        ratio = f"{row.median / floor.median:.2f}" if floor else "-"
+        ratio = "-" if row.ratio is None else f"{row.ratio:.2f}"
         rng = f"{_fmt_ms(min(row.times_ms))}–{_fmt_ms(max(row.times_ms))}" if len(row.times_ms) > 1 else "1 round"
         zeroed = "-" if row.zeroed is None else f"{row.zeroed:.0%}"
         lines.append(f"| {row.spec.label} | {_fmt_ms(row.median)} | {rng} | {ratio} | {gbs:.1f} | {zeroed} |")
@@ -178,7 +199,7 @@ def _speedup(baseline_ms: float, ours_ms: float) -> str:
 def performance_paragraph(results: list[SetResult], device: str, threads: int) -> str:
     """The README-ready summary, built from the ResNet-50 (or the first) set's results."""
     result = next((r for r in results if r.name == "resnet50-convs"), results[0])
-    floor = result.row("adam-fused")
+    floor = result.row(FLOOR_KEY)
     group, weighted, l1 = (best_fused(result, p) for p in ("group", "group_weighted", "l1"))
     unf_group, published, unf_l1, traffic = (
         result.row(k) for k in ("unfused-group", "published-weighted", "unfused-l1", "weighted-traffic")
@@ -194,7 +215,7 @@ def performance_paragraph(results: list[SetResult], device: str, threads: int) -
     text = (
         f"On {where}, one `FusedGroupProxAdam` step (backend `{backend}`{ref_note}) over the "
         f"{result.numel / 1e6:.2f}M conv weights of the dilated ResNet-50 takes "
-        f"{_fmt_ms(group.median)} ms with the group-lasso prox, {group.median / floor.median:.2f}× "
+        f"{_fmt_ms(group.median)} ms with the group-lasso prox, {group.ratio:.2f}× "
         f"`torch.optim.Adam(fused=True)` ({_fmt_ms(floor.median)} ms, no prox) and "
         f"{_speedup(unf_group.median, group.median)} Adam followed by the prox as tensor ops "
         f"({_fmt_ms(unf_group.median)} ms). With the adaptive (weighted) prox, solved to convergence, "
@@ -206,7 +227,7 @@ def performance_paragraph(results: list[SetResult], device: str, threads: int) -
         text += (
             f" No exact weighted step can move less memory than Adam plus one more read of z and d "
             f"and one rewrite of p: those bytes alone, as tensor ops after fused Adam, take "
-            f"{_fmt_ms(traffic.median)} ms ({traffic.median / floor.median:.2f}× Adam)."
+            f"{_fmt_ms(traffic.median)} ms ({traffic.ratio:.2f}× Adam)."
         )
     if l1 and unf_l1:
         text += (
@@ -241,7 +262,8 @@ def render(results: list[SetResult], device: str, threads: int, repeats: int, sh
         f"at most {PUBLISHED_MAX_ROUNDS} rounds, no warm-up). Every round starts from the same warm "
         "state (params, gradients, Adam moments at step 100, restored untimed, then evicted from the "
         "caches), so every round does the same step and zeroes the same groups; no drift. Rounds are "
-        "interleaved: round k of every method runs before round k + 1 of any.",
+        "interleaved: round k of every method runs before round k + 1 of any. × Adam(fused) is the "
+        "median over rounds of each round's time over that of a fused-Adam step timed just before it.",
         "* `lambda_` is chosen per set and prox so that the step zeroes 50% of the groups "
         "(of the elements, for l1); the `zeroed` column is what each method actually left at zero.",
         "* GB/s: 28 B/param (fp32 read p, g, m, v; write p, m, v) over all the set's params, "
@@ -253,9 +275,9 @@ def render(results: list[SetResult], device: str, threads: int, repeats: int, sh
             "second to the next. Fused Adam alone takes 8 to 16 ms on the ResNet-50 set. In the "
             "windows where it runs fastest (8 to 9 ms), streams that write speed up more than "
             "streams that only read, such as the weighted prox's Newton passes: the weighted "
-            "step measured 1.9-2.1x Adam there (1.5-1.8x in the others), the `weighted-traffic` "
-            "row 1.7-2.0x, and the group step up to 1.28x (1.1-1.2x in the others). Compare "
-            "ratios within one run, not times across runs."
+            "step measured 1.8-1.9x Adam there (1.4-1.7x in the others), the `weighted-traffic` "
+            "row 1.7-1.8x (1.6-1.7x), and the group step 1.1-1.2x in both. Compare ratios within "
+            "one run, not times across runs."
         )
     for backend, reason in skipped.items():
         parts.append(f"* Skipped backend `{backend}`: {reason}")

@@ -74,3 +74,13 @@ def test_report_quick_run_writes_the_table(tmp_path):
     assert "torch.optim.Adam(fused=True)" in text and "× Adam(fused)" in text
     assert "Performance summary" in text
     assert FLOOR[0].label in text and WEIGHTED_TRAFFIC.label in text
+    assert f"| {FLOOR[0].label} |" in text and "| 1.00 |" in text
+
+
+def test_report_ratio_pairs_each_round_with_the_floor_step_before_it():
+    # The host slows down 10x in round 2; the round's own floor step saw it too. The paired
+    # ratio stays 2, where the ratio of the medians (6 / 2) would say 3.
+    row = report.Row(fused_spec("cpu", "group"), times_ms=[2.0, 40.0, 6.0], floor_ms=[1.0, 20.0, 2.0])
+    assert row.ratio == 2.0
+    assert report.Row(FLOOR[0], times_ms=[1.0, 3.0]).ratio == 1.0
+    assert report.Row(WEIGHTED_TRAFFIC, times_ms=[1.0]).ratio is None
