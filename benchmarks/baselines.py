@@ -21,6 +21,7 @@ All hyperparameters come from :mod:`benchmarks.params`; groups are input channel
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -256,6 +257,13 @@ class Method:
                 v = self.optimizer.state[p]["exp_avg_sq"]
                 published_weighted_prox_(p, v, step, _tau(p, self.lambda_), self.newton_iters)
         self.synchronize()
+
+    def timed_step(self) -> float:
+        """Seconds of one :meth:`step` from the restored warm state (the restore is not timed)."""
+        self.restore()
+        start = time.perf_counter()
+        self.step()
+        return time.perf_counter() - start
 
     @torch.no_grad()
     def zero_group_fraction(self) -> float:

@@ -73,14 +73,6 @@ class SetResult:
         return next((r for r in self.rows if r.spec.key == key and r.skipped is None), None)
 
 
-def time_step(method: Method) -> float:
-    """Milliseconds of one step from the restored warm state."""
-    method.restore()
-    start = time.perf_counter()
-    method.step()
-    return (time.perf_counter() - start) * 1e3
-
-
 def run_set(pset: ParamSet, device: str, repeats: int, log=print) -> SetResult:
     """Time every available method on ``pset`` with interleaved rounds.
 
@@ -97,15 +89,15 @@ def run_set(pset: ParamSet, device: str, repeats: int, log=print) -> SetResult:
     rounds = {key: min(repeats, PUBLISHED_MAX_ROUNDS) if key == "published-weighted" else repeats for key in methods}
     for key, method in methods.items():
         if key != "published-weighted":
-            time_step(method)
+            method.timed_step()
     floor = methods.get(FLOOR_KEY)
     for k in range(repeats):
         for row in rows:
             key = row.spec.key
             if row.skipped is None and k < rounds[key]:
                 if floor is not None and key != FLOOR_KEY:
-                    row.floor_ms.append(time_step(floor))
-                row.times_ms.append(time_step(methods[key]))
+                    row.floor_ms.append(1e3 * floor.timed_step())
+                row.times_ms.append(1e3 * methods[key].timed_step())
     for row in rows:
         if row.skipped is None:
             row.zeroed = methods[row.spec.key].zero_group_fraction() if row.spec.prox != "none" else None

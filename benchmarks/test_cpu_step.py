@@ -31,7 +31,6 @@ once, and the fused steps are checked against the reference backend's.
 from __future__ import annotations
 
 import statistics
-import time
 
 import pytest
 import torch
@@ -68,10 +67,7 @@ def test_cpu_step(benchmark, param_set, spec: MethodSpec, request: pytest.Fixtur
 
     def setup() -> None:
         if floor is not None:
-            floor.restore()
-            start = time.perf_counter()
-            floor.step()
-            floor_seconds.append(time.perf_counter() - start)
+            floor_seconds.append(floor.timed_step())
         method.restore()
 
     benchmark.pedantic(method.step, setup=setup, rounds=rounds(), warmup_rounds=WARMUP_ROUNDS)
