@@ -8,7 +8,7 @@
 //   m <- lerp(m, g, 1 - beta1),  v <- beta2 v + ((1 - beta2) g) g,  d = sqrt(v)/c + eps,
 //   z = p - s m / d
 //
-// and then each tensor's prox (chosen by the Python side, which also supplies the layout):
+// and then each tensor's prox ("none" for params of fewer than two dims):
 //
 //   "none":            p = z
 //   "l1":              p = sign(z) max(|z| - lr lambda, 0)
@@ -21,7 +21,7 @@
 //                      double), after an update shown to land there, or after 30 updates.
 //
 // with tau = lr lambda sqrt(n_G). A tensor's storage is read as a dense [A, B, K] array whose
-// group b is [:, b, :] (lomt_kernels.grouping.GroupLayout), so n_G = A K.
+// group b is [:, b, :] (group_layout below, lomt_kernels.grouping.GroupLayout), so n_G = A K.
 //
 // Memory order. Measured on the 2-core Zen 4 machine this was tuned on: the cores stream memory
 // in address order at 45-70 GB/s together (it varies with the host's load), which
@@ -63,6 +63,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
@@ -74,9 +75,11 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace lomt {
@@ -840,31 +843,65 @@ void dispatch_item(const Hyper& h, const TensorStep& t, const WorkItem& item, in
                                   [&] { run_item<scalar_t>(h, t, item, bands); });
 }
 
-void check_same_layout(const at::Tensor& p, const at::Tensor& t, const char* what, size_t i) {
+// The [A, B, K] layout of p's groups in memory, as lomt_kernels.grouping.group_layout gives it:
+// none where p's strides have one (the caller steps a contiguous copy).
+std::optional<std::array<int64_t, 3>> group_layout(const at::Tensor& p, bool in_channel) {
+  const int64_t n = p.size(0), c = p.size(1), numel = p.numel();
+  if (p.is_contiguous()) {
+    return in_channel ? std::array<int64_t, 3>{n, c, numel / (n * c)} : std::array<int64_t, 3>{1, n, numel / n};
+  }
+  if (p.dim() == 4 && p.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    return in_channel ? std::array<int64_t, 3>{numel / c, c, 1} : std::array<int64_t, 3>{1, n, numel / n};
+  }
+  return std::nullopt;
+}
+
+// One param's tensors as the kernel steps them: the caller's, or copies in a layout the kernel
+// takes where the param's storage has none for its prox (e.g. a transposed weight) or its grad
+// or state have other strides. Copies of p, m and v are written back after the step.
+struct Operands {
+  at::Tensor p, g, m, v;
+
+  Operands(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
+           const at::Tensor& exp_avg_sq, bool has_layout)
+      : p(has_layout ? param : param.contiguous()), g(like_p(grad)), m(like_p(exp_avg)), v(like_p(exp_avg_sq)) {}
+
+  void write_back(const at::Tensor& param, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq) const {
+    if (!p.is_same(param)) param.copy_(p);
+    if (!m.is_same(exp_avg)) exp_avg.copy_(m);
+    if (!v.is_same(exp_avg_sq)) exp_avg_sq.copy_(v);
+  }
+
+ private:
+  at::Tensor like_p(const at::Tensor& t) const {
+    return t.strides() == p.strides() ? t : at::empty_like(p).copy_(t);
+  }
+};
+
+void check_operand(const at::Tensor& p, const at::Tensor& t, const char* what, size_t i) {
   TORCH_CHECK(t.device().is_cpu(), "group_prox_adam_cpu: ", what, "[", i, "] is on ", t.device(),
               "; every tensor must be on the CPU");
-  TORCH_CHECK(t.scalar_type() == p.scalar_type(), "group_prox_adam_cpu: ", what, "[", i,
-              "] has dtype ", t.scalar_type(), " but its param has ", p.scalar_type());
-  TORCH_CHECK(t.sizes() == p.sizes() && t.strides() == p.strides(), "group_prox_adam_cpu: ", what,
-              "[", i, "] must have its param's shape and strides");
+  TORCH_CHECK(t.sizes() == p.sizes(), "group_prox_adam_cpu: ", what, "[", i, "] has shape ", t.sizes(),
+              " but its param has ", p.sizes());
 }
 
 }  // namespace
 
-// The op. `proxes[i]` is tensor i's prox ("none" for tensors that take plain Adam) and
-// `layouts[3 i : 3 i + 3]` its (A, B, K) (read only for group proxes). Every param must be dense
-// in memory, with grads, exp_avgs and exp_avg_sqs of its dtype, shape and strides.
+// The op: the step of lomt_kernels.reference.group_prox_adam, with the same arguments. Params of
+// fewer than two dims take plain Adam; `grouping` picks the groups of the others.
 void group_prox_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                         at::TensorList exp_avg_sqs, at::TensorList state_steps,
-                         const c10::List<std::string>& proxes, at::IntArrayRef layouts,
-                         double lr, double beta1, double beta2, double eps, double weight_decay,
-                         bool decoupled_weight_decay, bool maximize, double lambda,
+                         at::TensorList exp_avg_sqs, at::TensorList state_steps, std::string_view prox,
+                         std::string_view grouping, double lr, double beta1, double beta2, double eps,
+                         double weight_decay, bool decoupled_weight_decay, bool maximize, double lambda,
                          const std::optional<at::Tensor>& grad_scale) {
   const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
-                  state_steps.size() == n && proxes.size() == n && layouts.size() == 3 * n,
-              "group_prox_adam_cpu: params, grads, exp_avgs, exp_avg_sqs, state_steps and proxes "
-              "must have one entry per param and layouts three");
+  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && state_steps.size() == n,
+              "group_prox_adam_cpu: params, grads, exp_avgs, exp_avg_sqs and state_steps must have one "
+              "entry per param");
+  const Prox group_prox = lambda == 0 ? Prox::kNone : parse_prox(prox);
+  TORCH_CHECK(grouping == "in_channel" || grouping == "out_channel", "group_prox_adam_cpu: unknown grouping '",
+              grouping, "': expected in_channel or out_channel");
+  const bool in_channel = grouping == "in_channel";
 
   Hyper h{lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, 1.0, false};
   if (grad_scale.has_value()) {
@@ -878,38 +915,47 @@ void group_prox_adam_cpu(at::TensorList params, at::TensorList grads, at::Tensor
     h.divide_grad = true;
   }
 
-  const int64_t threads = at::get_num_threads();
   std::vector<TensorStep> steps;
   std::vector<WorkItem> items;
+  std::vector<std::pair<size_t, Operands>> operands;  // by param index, for write-back
   steps.reserve(n);
+  operands.reserve(n);
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
-    if (p.numel() == 0) continue;
     TORCH_CHECK(p.device().is_cpu(), "group_prox_adam_cpu: params[", i, "] is on ", p.device());
-    TORCH_CHECK(at::isFloatingType(p.scalar_type()) && p.element_size() >= 2,
-                "group_prox_adam_cpu: params[", i, "] has dtype ", p.scalar_type(),
-                "; expected float64, float32, float16 or bfloat16");
-    TORCH_CHECK(p.is_non_overlapping_and_dense(), "group_prox_adam_cpu: params[", i,
-                "] is not dense in memory; pass a contiguous copy");
-    check_same_layout(p, grads[i], "grads", i);
-    check_same_layout(p, exp_avgs[i], "exp_avgs", i);
-    check_same_layout(p, exp_avg_sqs[i], "exp_avg_sqs", i);
+    check_operand(p, grads[i], "grads", i);
+    check_operand(p, exp_avgs[i], "exp_avgs", i);
+    check_operand(p, exp_avg_sqs[i], "exp_avg_sqs", i);
+    if (p.numel() == 0) continue;
+    const at::ScalarType dtype = p.scalar_type();
+    TORCH_CHECK_TYPE(at::isFloatingType(dtype) && p.element_size() >= 2 && exp_avgs[i].scalar_type() == dtype &&
+                         exp_avg_sqs[i].scalar_type() == dtype,
+                     "the fused kernels take float64, float32, float16 and bfloat16 params with exp_avg and "
+                     "exp_avg_sq of the param's dtype; got ", dtype, ", ", exp_avgs[i].scalar_type(), " and ",
+                     exp_avg_sqs[i].scalar_type());
+    TORCH_CHECK_TYPE(grads[i].scalar_type() == dtype, "this backend needs grads in the param's dtype; tensor ", i,
+                     " has a ", dtype, " param and a ", grads[i].scalar_type(),
+                     " grad (backend='torch' takes mixed dtypes)");
     TORCH_CHECK(state_steps[i].device().is_cpu() && state_steps[i].numel() == 1,
                 "group_prox_adam_cpu: state_steps[", i, "] must be a one-element CPU tensor");
 
+    const Prox tensor_prox = p.dim() >= 2 ? group_prox : Prox::kNone;
+    const bool grouped = tensor_prox == Prox::kGroup || tensor_prox == Prox::kWeighted;
+    std::optional<std::array<int64_t, 3>> layout;
+    if (grouped) layout = group_layout(p, in_channel);
+    const bool has_layout = grouped ? layout.has_value() : p.is_non_overlapping_and_dense();
+    const Operands& x = operands.emplace_back(i, Operands(p, grads[i], exp_avgs[i], exp_avg_sqs[i], has_layout)).second;
+    if (grouped && !layout) layout = group_layout(x.p, in_channel);
+
     const double step = state_steps[i].item<double>();
-    TensorStep t{p.data_ptr(), grads[i].const_data_ptr(), exp_avgs[i].data_ptr(),
-                 exp_avg_sqs[i].data_ptr(), p.scalar_type(), p.numel(), 1, 1, p.numel(),
-                 lambda == 0 ? Prox::kNone : parse_prox(proxes.get(i)),
-                 lr / (1 - std::pow(beta1, step)), std::sqrt(1 - std::pow(beta2, step)),
+    TensorStep t{x.p.data_ptr(), x.g.const_data_ptr(), x.m.data_ptr(), x.v.data_ptr(), dtype, p.numel(), 1, 1,
+                 p.numel(), tensor_prox, lr / (1 - std::pow(beta1, step)), std::sqrt(1 - std::pow(beta2, step)),
                  lr * lambda};
-    if (t.prox == Prox::kGroup || t.prox == Prox::kWeighted) {
-      t.A = layouts[3 * i];
-      t.B = layouts[3 * i + 1];
-      t.K = layouts[3 * i + 2];
-      TORCH_CHECK(t.A > 0 && t.B > 0 && t.K > 0 && t.A * t.B * t.K == t.numel,
-                  "group_prox_adam_cpu: layout (", t.A, ", ", t.B, ", ", t.K, ") of params[", i,
-                  "] does not cover its ", t.numel, " elements");
+    if (grouped) {
+      const auto [A, B, K] = *layout;
+      t.A = A;
+      t.B = B;
+      t.K = K;
       t.threshold = lr * lambda * std::sqrt(static_cast<double>(t.A * t.K));
       if (t.threshold == 0) t.prox = Prox::kNone;  // with tau == 0 every prox is the identity
     }
@@ -923,6 +969,8 @@ void group_prox_adam_cpu(at::TensorList params, at::TensorList grads, at::Tensor
     }
     steps.push_back(t);
   }
+
+  const int64_t threads = at::get_num_threads();
 
   // Large elementwise and in-channel tensors first, each by all threads at once: one contiguous
   // piece (row band) per thread.
@@ -953,6 +1001,7 @@ void group_prox_adam_cpu(at::TensorList params, at::TensorList grads, at::Tensor
       dispatch_item(h, steps[rest[k].tensor], rest[k], 1);
     }
   });
+  for (const auto& [i, x] : operands) x.write_back(params[i], exp_avgs[i], exp_avg_sqs[i]);
 }
 
 }  // namespace lomt
@@ -961,7 +1010,7 @@ void group_prox_adam_cpu(at::TensorList params, at::TensorList grads, at::Tensor
 TORCH_LIBRARY_FRAGMENT(lomt, m) {
   m.def(
       "group_prox_adam_cpu(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor[] state_steps, str[] proxes, int[] layouts, float lr, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor[] state_steps, str prox, str grouping, float lr, "
       "float beta1, float beta2, float eps, float weight_decay, bool decoupled_weight_decay, "
       "bool maximize, float lambda_, Tensor? grad_scale) -> ()");
 }

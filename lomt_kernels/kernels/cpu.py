@@ -15,10 +15,13 @@ then ``p = prox(z)`` for the groups :func:`~lomt_kernels.grouping.group_layout` 
 ``tau = lr * lambda_ * sqrt(n_G)``. Plain Adam and ``l1`` take one pass over memory; a group
 prox takes one more (the rescale), and the weighted prox one more per Newton update.
 
-This module prepares the tensors: a param whose groups have no ``[A, B, K]`` layout in memory
-(e.g. a transposed weight), or whose grads or state have other strides, is stepped on contiguous
-copies that are copied back. The extension is compiled on first use (about a minute); ``python
--m lomt_kernels.build`` does it ahead of time.
+The op takes the step function's own arguments and finds each tensor's layout itself: a param
+whose groups have no ``[A, B, K]`` layout in memory (e.g. a transposed weight), or whose grads or
+state have other strides, is stepped on contiguous copies that are copied back. Doing that in
+C++ rather than with :func:`~lomt_kernels.kernels.prepare.work_tensors` saves about 0.3 ms a
+step on the 53 tensors of the ResNet-50 benchmark, 4% of a fused Adam step there. The extension
+is compiled on first use (about a minute); ``python -m lomt_kernels.build`` does it ahead of
+time.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ import torch
 from torch import Tensor
 
 from ._extension import ExtensionUnavailable, load_extension
-from .prepare import HALF_AND_FLOAT, work_tensors, write_back
 
 EXTENSION_NAME = "group_prox_adam_cpu"
 SOURCES = ("group_prox_adam_cpu.cpp",)
@@ -77,7 +79,7 @@ def build() -> str:
     return path
 
 
-def _fake(params, grads, exp_avgs, exp_avg_sqs, state_steps, proxes, layouts, lr, beta1, beta2,  # noqa: ANN001
+def _fake(params, grads, exp_avgs, exp_avg_sqs, state_steps, prox, grouping, lr, beta1, beta2,  # noqa: ANN001
           eps, weight_decay, decoupled_weight_decay, maximize, lambda_, grad_scale) -> None:
     """The op's meta function: it returns nothing and only mutates its inputs."""
     return None
@@ -121,16 +123,7 @@ def group_prox_adam(
     """
     if not _loaded:
         build()
-    works = work_tensors(
-        params, grads, exp_avgs, exp_avg_sqs, prox=prox, lambda_=lambda_, grouping=grouping,
-        grad_dtype="reject", dtypes=(*HALF_AND_FLOAT, torch.float64),
-    )
-    if not works:
-        return
-    items = list(works.values())
     torch.ops.lomt.group_prox_adam_cpu(
-        [w.p for w in items], [w.g for w in items], [w.m for w in items], [w.v for w in items],
-        [state_steps[i] for i in works], [w.prox for w in items], [n for w in items for n in w.layout],
-        lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize, lambda_, grad_scale,
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, prox, grouping, lr, beta1, beta2, eps,
+        weight_decay, decoupled_weight_decay, maximize, lambda_, grad_scale,
     )
-    write_back(params, exp_avgs, exp_avg_sqs, works)

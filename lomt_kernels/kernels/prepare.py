@@ -1,5 +1,6 @@
-"""What every fused backend does before and after its kernel: pick each tensor's prox and
-memory layout, make dense copies where the strides have no layout, and copy results back."""
+"""What the Python-driven fused backends (Triton, CUDA) do before and after their kernels: pick
+each tensor's prox and memory layout, make dense copies where the strides have no layout, and
+copy results back. (The C++ CPU op does the same itself, see ``csrc/group_prox_adam_cpu.cpp``.)"""
 
 from __future__ import annotations
 
@@ -33,15 +34,14 @@ class WorkTensors(NamedTuple):
 
 
 #: What :func:`work_tensors` does with a grad whose dtype is not its param's.
-GRAD_DTYPE_POLICIES = ("keep", "cast", "reject")
+GRAD_DTYPE_POLICIES = ("keep", "cast")
 
 
 def work_tensors(
     params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], *,
     prox: str, lambda_: float, grouping: str, grad_dtype: str = "keep",
-    dtypes: tuple[torch.dtype, ...] = HALF_AND_FLOAT,
 ) -> dict[int, WorkTensors]:
-    """:class:`WorkTensors` for every non-empty param of one of ``dtypes``, by index.
+    """:class:`WorkTensors` for every non-empty float32, float16 and bfloat16 param, by index.
 
     A tensor's prox is ``"none"`` when ``lambda_ == 0`` or it has fewer than two dims. Group
     proxes need a :func:`~lomt_kernels.grouping.group_layout` (``[A, B, K]``); ``none`` and
@@ -49,9 +49,9 @@ def work_tensors(
     replaced by a contiguous copy; ``g``, ``m`` and ``v`` are copied unless they share ``p``'s
     strides, which they normally do (``m`` and ``v`` are created with ``preserve_format``,
     autograd matches grads to their param). :func:`write_back` copies results back. A grad of
-    another dtype than its param is kept, cast to the param's dtype, or rejected with a
-    ``TypeError``, as ``grad_dtype`` says. Params of other float dtypes are left out (float64
-    goes to :func:`float64_on_reference` for kernels that only compute in float32).
+    another dtype than its param is kept or cast to the param's dtype, as ``grad_dtype`` says.
+    float64 params are left out: they go to :func:`float64_on_reference` (these kernels compute
+    in float32).
 
     This runs on every step for every param, so it reads each tensor's strides once and does
     nothing more for the usual case, a dense param whose grad and state share its strides.
@@ -63,22 +63,14 @@ def work_tensors(
     works = {}
     for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
         dtype = p.dtype
-        if p.numel() == 0 or (dtype == torch.float64 and torch.float64 not in dtypes):
+        if p.numel() == 0 or dtype == torch.float64:
             continue
-        if dtype not in dtypes or m.dtype != dtype or v.dtype != dtype:
+        if dtype not in HALF_AND_FLOAT or m.dtype != dtype or v.dtype != dtype:
             raise TypeError(
-                f"the fused kernels take {', '.join(map(str, dtypes))} params with exp_avg and "
+                f"the fused kernels take {', '.join(map(str, HALF_AND_FLOAT))} params with exp_avg and "
                 f"exp_avg_sq of the param's dtype; got {dtype}, {m.dtype} and {v.dtype}"
             )
-        g_dtype = g.dtype
-        if g_dtype != dtype:
-            if grad_dtype == "reject":
-                raise TypeError(
-                    f"this backend needs grads in the param's dtype; tensor {i} has a {dtype} param and a "
-                    f"{g_dtype} grad (backend='torch' takes mixed dtypes)"
-                )
-            if grad_dtype == "cast":
-                g_dtype = dtype
+        g_dtype = dtype if grad_dtype == "cast" else g.dtype
         tensor_prox = prox if takes_prox and is_grouped(p) else "none"
         grouped = group_prox and tensor_prox != "none"
         layout = group_layout(p, grouping) if grouped else GroupLayout(1, 1, p.numel()) if is_dense(p) else None
