@@ -320,6 +320,27 @@ def test_weighted_prox_last_newton_update_lands_within_tolerance() -> None:
     assert error <= 1e-10, f"largest relative error of a group: {float(error):.2e}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_weighted_prox_zeroes_a_group_whose_z_is_not_finite(dtype: torch.dtype) -> None:
+    """A group with a NaN in its z has a NaN ||D z||, which is not above tau: the reference
+    returns the group as exact zeros, NaN lane included, and so must the kernel, whose vectors
+    here hold lanes of that group and of groups that stay nonzero (groups of 9 lanes)."""
+    gen = torch.Generator().manual_seed(11)
+    p = torch.randn(8, 20, 3, 3, generator=gen, dtype=dtype)
+    g = torch.randn(8, 20, 3, 3, generator=gen, dtype=dtype)
+    g[3, 5, 1, 1] = float("nan")
+    kwargs = dict(HYPER, lambda_=0.5, prox="group_weighted", grouping="in_channel")
+    results = []
+    for step in (reference.group_prox_adam, cpu.group_prox_adam):
+        params, state = [p.clone()], [[torch.zeros_like(p)], [torch.zeros_like(p)]]
+        step(params, [g], *state, [torch.tensor(1.0)], **kwargs)
+        results.append(params[0])
+    actual, expected = results
+    assert bool((expected[:, 5] == 0).all()) and bool((actual[:, 5] == 0).all())
+    assert bool((expected != 0).any())
+    torch.testing.assert_close(actual, expected, rtol=5e-6, atol=5e-6 * float(expected.abs().max()))
+
+
 @pytest.mark.parametrize("prox", ["group", "group_weighted"])
 def test_half_precision_large_tensor(prox: str) -> None:
     """A bfloat16 tensor large enough to be split into row bands across threads, its z and d
