@@ -19,9 +19,9 @@ The op takes the step function's own arguments and finds each tensor's layout it
 whose groups have no ``[A, B, K]`` layout in memory (e.g. a transposed weight), or whose grads or
 state have other strides, is stepped on contiguous copies that are copied back. Doing that in
 C++ rather than with :func:`~lomt_kernels.kernels.prepare.work_tensors` saves about 0.3 ms a
-step on the 53 tensors of the ResNet-50 benchmark, 4% of a fused Adam step there. The extension
-is compiled on first use (about a minute); ``python -m lomt_kernels.build`` does it ahead of
-time.
+step on the 53 tensors of the ResNet-50 benchmark (with cold caches, as a step after the
+backward pass runs; fused Adam takes 8 to 13 ms there). The extension is compiled on first use
+(about a minute); ``python -m lomt_kernels.build`` does it ahead of time.
 """
 
 from __future__ import annotations
