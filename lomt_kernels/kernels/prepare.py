@@ -102,9 +102,15 @@ def float64_on_reference(
     state_steps: list[Tensor], **kwargs: object,
 ) -> None:
     """The step of the float64 params, on :func:`lomt_kernels.reference.group_prox_adam` (the
-    kernels compute in float32, which would lose their precision)."""
+    kernels compute in float32, which would lose their precision).
+
+    ``lr`` may be a 0-d tensor (a capturable step's): it is read on the host only if there are
+    float64 params, so a step without them syncs nothing and can be captured in a CUDA graph.
+    """
     wide = [i for i, p in enumerate(params) if p.dtype == torch.float64 and p.numel() > 0]
     if wide:
+        if isinstance(kwargs.get("lr"), Tensor):
+            kwargs["lr"] = float(kwargs["lr"])
         reference.group_prox_adam(
             *([ts[i] for i in wide] for ts in (params, grads, exp_avgs, exp_avg_sqs, state_steps)), **kwargs
         )

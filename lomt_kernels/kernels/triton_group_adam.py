@@ -543,7 +543,7 @@ def _group_prox_adam_op(
     if lr_tensor is not None and not capturable:
         lr, lr_tensor = float(lr_tensor), None
     float64_on_reference(
-        params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=lr if lr_tensor is None else float(lr_tensor),
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=lr if lr_tensor is None else lr_tensor,
         beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
         decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, lambda_=lambda_, prox=prox,
         grouping=grouping, grad_scale=grad_scale,
