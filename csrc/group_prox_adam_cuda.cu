@@ -42,10 +42,12 @@ namespace {
 
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
-// Shared memory a tile may stage (the default per-block limit, no opt-in needed).
-constexpr int64_t kSmemBytes = 48 * 1024;
 // At most this many groups per one-pass tile (bounds the per-group scratch).
 constexpr int kMaxGroupsPerTile = 64;
+// Shared memory a tile may stage: the default per-block limit (no opt-in needed) less the tile
+// kernel's static per-group scratch, which counts against the same 48 KiB (a launch asking for
+// more fails with "invalid argument", as the weighted prox's [2048, 512, 1, 1] tile once did).
+constexpr int64_t kSmemBytes = 48 * 1024 - kMaxGroupsPerTile * sizeof(float);
 // One-pass tiles take groups until they hold this many elements.
 constexpr int64_t kTargetTile = 4096;
 // Tile size of the elementwise path and of two-phase chunks.

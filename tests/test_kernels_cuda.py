@@ -17,7 +17,8 @@ from torch.utils import cpp_extension
 
 from lomt_kernels.kernels import cuda as cuda_backend
 from test_kernels_triton import (
-    GROUPINGS, OPTIONS, PROXES, SHAPES, State, assert_some_groups_zero_and_some_not, hyper, run_options, run_steps,
+    GROUPINGS, OPTIONS, PROXES, SHAPES, State, assert_some_groups_zero_and_some_not, hyper, run_options,
+    run_resnet50_shapes, run_steps,
 )
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -82,3 +83,11 @@ def test_two_phase_at_real_sizes(prox):
         state = State([(shape, "contiguous"), "conv3x3"], grouping, torch.float32, DEVICE)
         masks = run_steps(cuda_backend.group_prox_adam, state, **hyper(prox, grouping))
         assert_some_groups_zero_and_some_not(masks)
+
+
+@cuda_only
+@pytest.mark.parametrize("prox", ["group", "group_weighted"])
+def test_resnet50_conv_shapes(prox):
+    """The real sizes: the weighted prox's [2048, 512, 1, 1] tile once asked for more shared
+    memory than a block may have without opting in, and failed to launch."""
+    run_resnet50_shapes(cuda_backend.group_prox_adam, prox, DEVICE)

@@ -37,6 +37,7 @@ from typing import Callable
 import pytest
 import torch
 
+from benchmarks.params import resnet50_conv_shapes
 from lomt_kernels import reference
 from lomt_kernels.grouping import as_groups, group_dim, group_layout
 
@@ -341,6 +342,21 @@ def test_cuda_two_phase_at_real_sizes(prox):
         state = State([(shape, "contiguous")], grouping, torch.float32, DEVICE)
         masks = run_steps(triton_backend.group_prox_adam, state, **hyper(prox, grouping))
         assert_some_groups_zero_and_some_not(masks)
+
+
+def run_resnet50_shapes(step_fn: Callable[..., None], prox: str, device: torch.device) -> None:
+    """:func:`run_steps` on each distinct conv weight shape of the benchmarks' dilated ResNet-50,
+    in one call: the tile plans and launch configurations of real sizes, which the small
+    shapes of the other tests never reach (groups of up to 4,608 elements, 2,048-row tiles)."""
+    shapes = sorted(set(resnet50_conv_shapes()))
+    state = State([(shape, "contiguous") for shape in shapes], "in_channel", torch.float32, device)
+    assert_some_groups_zero_and_some_not(run_steps(step_fn, state, **hyper(prox, "in_channel")))
+
+
+@cuda_only
+@pytest.mark.parametrize("prox", ["group", "group_weighted"])
+def test_resnet50_conv_shapes(prox):
+    run_resnet50_shapes(triton_backend.group_prox_adam, prox, DEVICE)
 
 
 @cuda_only
