@@ -43,7 +43,9 @@ class Row:
     spec: MethodSpec
     times_ms: list[float]
     zeroed: float | None = None
+    #: Why the method did not run: unavailable here, or (``failed``) it raised when built or stepped.
     skipped: str | None = None
+    failed: bool = False
     #: Round k's fused-Adam step, timed just before this method's round k (empty for the floor).
     floor_ms: list[float] = field(default_factory=list)
 
@@ -82,14 +84,23 @@ def run_set(pset: ParamSet, device: str, repeats: int, log=print) -> SetResult:
     its ratio to the floor (:attr:`Row.ratio`) compares two steps run within milliseconds of each
     other: on a shared VM, the medians of two methods can come from different speeds of the host.
     The slow published baseline takes at most :data:`PUBLISHED_MAX_ROUNDS` rounds and no warm-up;
-    the others take one warm-up round.
+    the others take one warm-up round. A method that raises while it is built or warmed up is
+    left out, with the error in its row, and the others still run.
     """
     rows = [Row(spec, [], skipped=skip_reason(spec, device)) for spec in all_specs()]
-    methods = {row.spec.key: Method(row.spec, pset) for row in rows if row.skipped is None}
+    methods = {}
+    for row in rows:
+        if row.skipped is None:
+            try:
+                method = Method(row.spec, pset)
+                if row.spec.key != "published-weighted":
+                    method.timed_step()
+            except Exception as exc:  # a backend's bug must not cost the other methods' figures
+                row.skipped, row.failed = f"{type(exc).__name__}: {str(exc).splitlines()[0]}", True
+                log(f"  {row.spec.label:<58} failed: {row.skipped}")
+                continue
+            methods[row.spec.key] = method
     rounds = {key: min(repeats, PUBLISHED_MAX_ROUNDS) if key == "published-weighted" else repeats for key in methods}
-    for key, method in methods.items():
-        if key != "published-weighted":
-            method.timed_step()
     floor = methods.get(FLOOR_KEY)
     for k in range(repeats):
         for row in rows:
@@ -105,6 +116,28 @@ def run_set(pset: ParamSet, device: str, repeats: int, log=print) -> SetResult:
     methods.clear()
     gc.collect()
     return SetResult(pset.name, pset.description, pset.numel, rows)
+
+
+#: Bytes copied (and as many written) by :func:`copy_bandwidth`: far more than any GPU's L2.
+COPY_BYTES = 1 << 30
+
+
+def copy_bandwidth(device: str, repeats: int = 20) -> float:
+    """A device-to-device copy's bandwidth in GB/s, counting bytes read plus bytes written (the
+    yardstick a one-pass optimizer step is measured against): the median of ``repeats`` copies
+    of :data:`COPY_BYTES`, timed with CUDA events after one warm-up copy."""
+    src = torch.rand(COPY_BYTES // 4, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times_ms = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times_ms.append(start.elapsed_time(end))
+    return 2 * COPY_BYTES / (statistics.median(times_ms) / 1e3) / 1e9
 
 
 def device_name(device: str) -> str:
@@ -188,8 +221,13 @@ def _speedup(baseline_ms: float, ours_ms: float) -> str:
     return f"{r:.2f}× faster than" if r >= 1 else f"{1 / r:.2f}× slower than"
 
 
-def performance_paragraph(results: list[SetResult], device: str, threads: int) -> str:
-    """The README-ready summary, built from the ResNet-50 (or the first) set's results."""
+def performance_paragraph(
+    results: list[SetResult], device: str, threads: int, copy_gbs: float | None = None
+) -> str:
+    """The README-ready summary, built from the ResNet-50 (or the first) set's results.
+
+    With ``copy_gbs`` (a device-to-device copy's bandwidth) it also says what fraction of it the
+    fused group and weighted steps reach at 28 B/param."""
     result = next((r for r in results if r.name == "resnet50-convs"), results[0])
     floor = result.row(FLOOR_KEY)
     group, weighted, l1 = (best_fused(result, p) for p in ("group", "group_weighted", "l1"))
@@ -225,20 +263,33 @@ def performance_paragraph(results: list[SetResult], device: str, threads: int) -
         text += (
             f" The l1 prox takes {_fmt_ms(l1.median)} ms against {_fmt_ms(unf_l1.median)} ms unfused."
         )
+    if copy_gbs:
+        gbs = {row: BYTES_PER_PARAM * result.numel / (row.median / 1e3) / 1e9 for row in (floor, group, weighted)}
+        text += (
+            f" At {BYTES_PER_PARAM} B/param the group step moves {gbs[group]:,.0f} GB/s and the weighted "
+            f"step {gbs[weighted]:,.0f} GB/s: {gbs[group] / copy_gbs:.0%} and {gbs[weighted] / copy_gbs:.0%} "
+            f"of a device-to-device copy ({copy_gbs:,.0f} GB/s read plus written; fused Adam: "
+            f"{gbs[floor] / copy_gbs:.0%})."
+        )
     return text
 
 
-def render(results: list[SetResult], device: str, threads: int, repeats: int, shared_note: bool) -> str:
+def render(
+    results: list[SetResult], device: str, threads: int, repeats: int, shared_note: bool,
+    copy_gbs: float | None = None,
+) -> str:
     try:
         import triton
 
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
-    skipped = {}
+    skipped, failed = {}, {}
     for r in results:
         for row in r.rows:
-            if row.skipped is not None:
+            if row.failed:
+                failed.setdefault(row.spec.label, f"{row.skipped} (set {r.name})")
+            elif row.skipped is not None:
                 skipped.setdefault(row.spec.backend, row.skipped)
     parts = [
         "# Optimizer step benchmarks: fused against unfused",
@@ -261,6 +312,12 @@ def render(results: list[SetResult], device: str, threads: int, repeats: int, sh
         "* GB/s: 28 B/param (fp32 read p, g, m, v; write p, m, v) over all the set's params, "
         "divided by the median time: what a one-pass step must move.",
     ]
+    if copy_gbs:
+        parts.append(
+            f"* Device-to-device copy: {copy_gbs:,.0f} GB/s (bytes read plus written; median of 20 "
+            f"copies of {COPY_BYTES >> 20} MiB, CUDA events). Times per step are host wall-clock "
+            "around `optimizer.step()` and a device synchronize: launch and Python overhead included."
+        )
     if shared_note:
         parts.append(
             "* **Measured on a shared VM**: what it gets moves with the host's load, from one "
@@ -273,7 +330,9 @@ def render(results: list[SetResult], device: str, threads: int, repeats: int, sh
         )
     for backend, reason in skipped.items():
         parts.append(f"* Skipped backend `{backend}`: {reason}")
-    parts += ["", "## Performance summary", "", performance_paragraph(results, device, threads), "", "## Results", ""]
+    for label, error in failed.items():
+        parts.append(f"* **Failed** `{label}`, left out: {error}")
+    parts += ["", "## Performance summary", "", performance_paragraph(results, device, threads, copy_gbs), "", "## Results", ""]
     for r in results:
         if not r.name.startswith("sweep-"):
             parts += [set_table(r), ""]
@@ -298,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sets", default=None, help="comma-separated set names instead of the default list")
     parser.add_argument("--output", type=Path, default=RESULTS, help="markdown file to write (default benchmarks/RESULTS.md)")
     parser.add_argument("--no-write", action="store_true", help="print only")
-    parser.add_argument("--no-shared-note", action="store_true", help="leave out the shared-VM caveat")
+    parser.add_argument("--no-shared-note", action="store_true", help="leave out the shared-VM caveat (CPU runs)")
     args = parser.parse_args(argv)
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -312,7 +371,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         names = set_names(sizes_m=args.sizes or SWEEP_SIZES_M)
 
-    results = []
+    # The shared-VM caveat describes this project's CPU host, not a GPU.
+    shared_note = args.device == "cpu" and not args.no_shared_note
+    copy_gbs = copy_bandwidth(args.device) if args.device == "cuda" else None
+    results: list[SetResult] = []
+
+    def render_all() -> str:
+        return render(results, args.device, torch.get_num_threads(), repeats, shared_note, copy_gbs)
+
     for name in names:
         start = time.perf_counter()
         pset = build_set(name, args.device)
@@ -321,9 +387,9 @@ def main(argv: list[str] | None = None) -> int:
         del pset
         gc.collect()
         if not args.no_write:  # after every set, so an interrupted run leaves its results
-            args.output.write_text(render(results, args.device, torch.get_num_threads(), repeats, not args.no_shared_note))
+            args.output.write_text(render_all())
 
-    text = render(results, args.device, torch.get_num_threads(), repeats, not args.no_shared_note)
+    text = render_all()
     print()
     print(text)
     if not args.no_write:

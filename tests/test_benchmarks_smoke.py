@@ -84,3 +84,21 @@ def test_report_ratio_pairs_each_round_with_the_floor_step_before_it():
     assert row.ratio == 2.0
     assert report.Row(FLOOR[0], times_ms=[1.0, 3.0]).ratio == 1.0
     assert report.Row(WEIGHTED_TRAFFIC, times_ms=[1.0]).ratio is None
+
+
+def test_report_leaves_out_a_method_that_raises_and_says_why(tmp_path, monkeypatch):
+    broken = fused_spec("cpu", "group_weighted")
+    step = Method.step
+
+    def failing_step(self):
+        if self.spec == broken:
+            raise RuntimeError("CUDA error: invalid argument\nmore lines")
+        step(self)
+
+    monkeypatch.setattr(Method, "step", failing_step)
+    out = tmp_path / "RESULTS.md"
+    assert report.main(["--device", "cpu", "--sets", "small-convs", "--repeats", "1", "--output", str(out)]) == 0
+    text = out.read_text()
+    assert f"* **Failed** `{broken.label}`, left out: RuntimeError: CUDA error: invalid argument (set small-convs)" in text
+    assert f"| {broken.label} |" not in text
+    assert f"| {fused_spec('cpu', 'group').label} |" in text
