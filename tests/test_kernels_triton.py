@@ -251,6 +251,31 @@ def test_two_phase_path(monkeypatch, prox, grouping):
     assert_some_groups_zero_and_some_not(masks)
 
 
+@pytest.mark.parametrize("prox", ["group", "group_weighted"])
+def test_short_rows_take_two_phases_for_the_group_prox(monkeypatch, prox):
+    """A tall 1x1 conv whose one-pass tile would hold few groups, so short rows: the group prox
+    takes two phases with line-long rows instead; the weighted prox keeps its one pass."""
+    monkeypatch.setattr(triton_backend, "ON_CHIP_MAX_TILE", 64)
+    monkeypatch.setattr(triton_backend, "TARGET_TILE", 64)
+    shape = (16, 40, 1, 1)
+    plan = triton_backend.plan_tiles(group_layout(torch.empty(shape), "in_channel"), prox, 4)
+    if prox == "group":
+        assert not plan.one_pass and plan.block_g * 4 == triton_backend.LINE_BYTES
+    else:
+        assert plan.one_pass and plan.block_g * 4 < triton_backend.LINE_BYTES
+    state = State([(shape, "contiguous"), "conv3x3"], "in_channel", torch.float32, DEVICE)
+    assert_some_groups_zero_and_some_not(run_steps(triton_backend.group_prox_adam, state, **hyper(prox, "in_channel")))
+
+
+def test_group_prox_tiles_read_whole_lines_at_resnet50_sizes():
+    """Every group-prox tile of the ResNet-50 convs reads rows of a cache line or more (or whole
+    rows), in one pass or two."""
+    for shape in resnet50_conv_shapes():
+        A, B, K = layout = group_layout(torch.empty(shape, device="meta"), "in_channel")
+        plan = triton_backend.plan_tiles(layout, "group", 4)
+        assert min(plan.block_g, B) * K * 4 >= min(triton_backend.LINE_BYTES, B * K * 4), (shape, plan)
+
+
 def test_capturable_matches_host_scalars():
     """``capturable=True`` (lr and steps read on the device) gives the same bits."""
     kwargs = hyper("group_weighted", "in_channel", weight_decay=0.1, decoupled_weight_decay=True)

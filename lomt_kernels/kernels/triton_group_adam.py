@@ -28,8 +28,16 @@ channels-last conv (``K == 1``) are still read in runs of at least one 32-byte s
   covers all of ``A`` and ``K``, so each group's ``z`` (and ``d``) stays in registers from the
   Adam update through the norm (a reduction over axes 0 and 2) and the shrink or the Newton
   solve. Memory traffic is the minimum: read ``p, g, m, v`` and write ``p, m, v`` once,
-  **28 bytes per float32 param** (14 for 16-bit params and state).
-* **Two phases** (larger groups, e.g. the columns of an embedding table): phase 1 runs the same
+  **28 bytes per float32 param** (14 for 16-bit params and state). A tile holds at most
+  ``ON_CHIP_MAX_TILE`` elements (more spill registers: 4,096 at 16 warps compile to about 100
+  registers and no spills for sm_90, 16,384 spill 0.8-2 KiB per thread), so a tall group leaves
+  room for few neighbours and short rows: a ``[2048, 512, 1, 1]`` conv's tile reads 8 bytes per
+  row. On an H200 such tiles moved 0.6 TB/s, where whole rows (the ``l1`` path) moved 3.6
+  (``benchmarks/RESULTS-h200.md``). So the ``group`` prox takes one pass only where a tile's
+  rows are at least ``LINE_BYTES`` long (or whole), and two phases elsewhere.
+* **Two phases** (larger groups, e.g. the columns of an embedding table; and for ``group``,
+  groups whose one-pass rows would be short), in tiles whose rows are ``LINE_BYTES`` long where
+  ``B`` allows: phase 1 runs the same
   kernel on ``[BLOCK_A, BLOCK_G, BLOCK_K]`` chunks of the group, writes ``z`` into ``p`` and, for
   ``group``, adds each chunk's ``sum z^2`` into a per-group float32 buffer with atomics. Phase 2
   re-reads ``z`` and writes the shrunk ``p``: **+8 bytes per param** (36 in all). For
@@ -83,8 +91,11 @@ TARGET_TILE = 4096
 MAX_GROUPS_PER_TILE = 64
 #: Tile size of the elementwise path and of the two-phase chunks.
 CHUNK_TILE = 2048
-#: A tile's contiguous runs are at least this long when ``B`` allows (one DRAM sector).
+#: A one-pass tile's contiguous runs are at least this long when ``B`` allows (one DRAM sector).
 SECTOR_BYTES = 32
+#: A two-phase tile's contiguous runs are at least this long when ``B`` allows (one cache line,
+#: a warp's 32 coalesced floats); and the ``group`` prox takes one pass only with runs this long.
+LINE_BYTES = 128
 
 # Prox codes: the kernels' PROX constexpr.
 _NONE, _GROUP, _WEIGHTED, _L1 = (tl.constexpr(code) for code in range(4))
@@ -390,13 +401,17 @@ def plan_tiles(layout: GroupLayout, prox: str, itemsize: int) -> TilePlan:
     A, B, K = layout
     block_a, block_k = triton.next_power_of_2(A), triton.next_power_of_2(K)
     sector_groups = triton.next_power_of_2(-(-SECTOR_BYTES // (K * itemsize)))
+    line_groups = triton.next_power_of_2(-(-LINE_BYTES // (K * itemsize)))
     max_groups = min(MAX_GROUPS_PER_TILE, triton.next_power_of_2(B))
     if block_a * block_k <= ON_CHIP_MAX_TILE:
         room = ON_CHIP_MAX_TILE // (block_a * block_k)
         block_g = max(TARGET_TILE // (block_a * block_k), min(sector_groups, room))
-        return TilePlan(code, True, block_a, max(1, min(block_g, room, max_groups)), block_k)
+        block_g = max(1, min(block_g, room, max_groups))
+        # The weighted prox keeps short rows: its two-phase solve would read each group alone.
+        if code == _WEIGHTED.value or min(block_g, B) >= min(line_groups, B):
+            return TilePlan(code, True, block_a, block_g, block_k)
     block_k = min(block_k, CHUNK_TILE)
-    block_g = max(1, min(sector_groups, CHUNK_TILE // block_k, max_groups))
+    block_g = max(1, min(line_groups, CHUNK_TILE // block_k, max_groups))
     block_a = min(triton.next_power_of_2(A), CHUNK_TILE // (block_g * block_k))
     return TilePlan(code, False, block_a, block_g, block_k)
 
