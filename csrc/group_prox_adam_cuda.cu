@@ -14,7 +14,8 @@
 //    group to one warp, which reduces ||z|| (or runs the whole Newton solve, with warp shuffles
 //    and no block barrier); pass 3 writes p = prox(z). 28 bytes of DRAM traffic per float32
 //    param, the minimum.
-//  * Two phases (a group bigger than shared memory): phase 1 is the same kernel on chunks of
+//  * Two phases (a group bigger than shared memory, or for "group" a tile whose rows would be
+//    shorter than kMinRun because few tall groups fit): phase 1 is the same kernel on chunks of
 //    the group, writing z into p and, for "group", adding the chunk's sum z^2 into a per-group
 //    float32 buffer with one atomic per group and block; for "group_weighted" a solve kernel (a
 //    block per group) streams z and v once per Newton iteration; phase 2 re-reads z (and v)
@@ -351,8 +352,12 @@ Plan plan_tiles(const Layout& L, int prox) {
     const int64_t fit = std::max<int64_t>(1, (capacity / L.A - 1) / L.K);
     const int64_t want = std::max<int64_t>(min_groups, kTargetTile / (L.A * L.K));
     const int64_t nb = std::max<int64_t>(1, std::min<int64_t>({want, fit, L.B, kMaxGroupsPerTile}));
-    const Tile tile{L.A, nb, L.K, (nb * L.K) | 1};
-    return {tile, true, arrays * 4 * tile.ba * tile.pitch};
+    // Tall groups leave room for few: "group" then takes two phases rather than short rows (as
+    // the triton backend); the weighted prox keeps them, its two-phase solve reads each group alone.
+    if (prox == kWeighted || nb >= min_groups) {
+      const Tile tile{L.A, nb, L.K, (nb * L.K) | 1};
+      return {tile, true, arrays * 4 * tile.ba * tile.pitch};
+    }
   }
   // Two phases: kChunk-element chunks of rows (and of K, one group at a time, if K is long).
   const int64_t bk = std::min(L.K, kChunk);
