@@ -4,8 +4,8 @@
 #   bash benchmarks/gpu_checks.sh [OUTDIR]
 #
 # builds the CUDA extension (in the background, while the Triton tests run), runs the GPU tests
-# of both GPU backends, then the kernel-time split (benchmarks.device_time) and the full report
-# (benchmarks.report --device cuda). Each stage writes OUTDIR/<stage>.log (default gpu-checks/)
+# of both GPU backends, then the kernel-time split (benchmarks.device_time), the full report
+# (benchmarks.report --device cuda) and the Triton tile-plan variants (benchmarks.triton_tiles). Each stage writes OUTDIR/<stage>.log (default gpu-checks/)
 # and has a time limit, so one that hangs or fails costs only itself; OUTDIR/summary.log has
 # each stage's exit code and last lines. Set TORCH_CUDA_ARCH_LIST (default 9.0) for other GPUs.
 set -u
@@ -48,3 +48,4 @@ wait $build
 stage cuda_tests 300 $python -m pytest -q -p no:cacheprovider $parallel -k "not extension_compiles" tests/test_kernels_cuda.py
 TAIL_LINES=40 stage device_time 300 $python -m benchmarks.device_time --output "$out/device_time.md"
 stage report 600 $python -m benchmarks.report --device cuda --repeats 15 --output "$out/RESULTS-cuda.md"
+TAIL_LINES=45 stage triton_tiles 400 $python -m benchmarks.triton_tiles

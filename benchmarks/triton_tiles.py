@@ -1,0 +1,84 @@
+"""``python -m benchmarks.triton_tiles``: the Triton backend's kernel time under other tile plans.
+
+The tile plan's constants (:mod:`lomt_kernels.kernels.triton_group_adam`: ``LINE_BYTES``,
+``CHUNK_TILE``, ``ON_CHIP_MAX_TILE``) were chosen from register counts and one H200 run; this
+times the alternatives side by side on one GPU, so that choosing them is a single call. For each
+variant and prox it takes one step from the set's warm state and reports the summed kernel time
+(:func:`benchmarks.device_time.kernel_times`, median of ``--repeats``), the launches, and the
+largest difference from the default plan's step (the same maths in another order: rounding only).
+With ``LINE_BYTES=0`` every group that fits on chip takes one pass, as before two-phase tiles
+with line-long rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+
+import torch
+
+from lomt_kernels.kernels import triton_group_adam as triton_backend
+
+from .baselines import FLOOR, Method, fused_spec, max_abs_diff
+from .device_time import kernel_times
+from .params import BYTES_PER_PARAM, build_set
+
+#: The values tried for each plan constant (the module's own value is always among the variants).
+VARIANTS = {
+    "LINE_BYTES": (0, 128, 256),
+    "CHUNK_TILE": (1024, 2048, 4096),
+    "ON_CHIP_MAX_TILE": (2048, 4096),
+}
+
+
+def run_variant(pset, prox: str, constants: dict[str, int], repeats: int) -> tuple[float, int, Method]:
+    """Median kernel ms and launches of one step under ``constants``, and the stepped method."""
+    saved = {name: getattr(triton_backend, name) for name in constants}
+    try:
+        for name, value in constants.items():
+            setattr(triton_backend, name, value)
+        method = Method(fused_spec("triton", prox), pset)
+        method.timed_step()  # compiles this plan's kernels
+        runs = [kernel_times(method) for _ in range(repeats)]
+        method.restore()
+        method.step()  # the state compared against the default plan's
+    finally:
+        for name, value in saved.items():
+            setattr(triton_backend, name, value)
+    return statistics.median(ms for ms, _ in runs), sum(n for _, n, _ in runs[-1][1]), method
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.triton_tiles", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--set", default="resnet50-convs", help="param set (default resnet50-convs)")
+    parser.add_argument("--repeats", type=int, default=5, help="steps profiled per variant")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA device")
+
+    pset = build_set(args.set, "cuda")
+    floor = Method(FLOOR[0], pset)
+    floor.timed_step()
+    floor_ms = statistics.median(kernel_times(floor)[0] for _ in range(args.repeats))
+    print(f"{args.set} on {torch.cuda.get_device_name()}: fused Adam's kernels {floor_ms:.3f} ms")
+    print(f"| prox | {' | '.join(VARIANTS)} | kernel ms | × fused Adam | GB/s at 28 B/param | launches | max diff from default |")
+    print("|---|" + "---:|" * (len(VARIANTS) + 5))
+    default = {name: getattr(triton_backend, name) for name in VARIANTS}
+    for prox in ("group", "group_weighted"):
+        _, _, expected = run_variant(pset, prox, default, 1)
+        for values in itertools.product(*VARIANTS.values()):
+            constants = dict(zip(VARIANTS, values))
+            ms, launches, method = run_variant(pset, prox, constants, args.repeats)
+            gbs = BYTES_PER_PARAM * pset.numel / (ms / 1e3) / 1e9
+            mark = " (default)" if constants == default else ""
+            print(
+                f"| {prox}{mark} | {' | '.join(map(str, values))} | {ms:.3f} | {ms / floor_ms:.2f} | {gbs:,.0f} | "
+                f"{launches} | {max_abs_diff(method, expected):.2g} |",
+                flush=True,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
