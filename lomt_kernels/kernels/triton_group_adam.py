@@ -68,6 +68,7 @@ The tile sizes below are chosen to stay in registers without spills (checked wit
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections import OrderedDict
@@ -394,7 +395,19 @@ class TilePlan(NamedTuple):
 
 
 def plan_tiles(layout: GroupLayout, prox: str, itemsize: int) -> TilePlan:
-    """The tile plan for a tensor with this ``[A, B, K]`` layout (elementwise for ``none``/``l1``)."""
+    """The tile plan for a tensor with this ``[A, B, K]`` layout (elementwise for ``none``/``l1``).
+
+    Memoized: every step plans every tensor, and planning in Python costs about as much as a
+    kernel launch. The module's tile constants are part of the key, so changing one (as
+    :mod:`benchmarks.triton_tiles` and the tests do) plans afresh.
+    """
+    constants = (ON_CHIP_MAX_TILE, TARGET_TILE, MAX_GROUPS_PER_TILE, CHUNK_TILE, SECTOR_BYTES, LINE_BYTES)
+    return _plan_tiles(layout, prox, itemsize, constants)
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan_tiles(layout: GroupLayout, prox: str, itemsize: int, constants: tuple[int, ...]) -> TilePlan:
+    ON_CHIP_MAX_TILE, TARGET_TILE, MAX_GROUPS_PER_TILE, CHUNK_TILE, SECTOR_BYTES, LINE_BYTES = constants
     code = _PROX_CODE[prox]
     if code in (_NONE.value, _L1.value):
         return TilePlan(code, True, 1, 1, CHUNK_TILE)
