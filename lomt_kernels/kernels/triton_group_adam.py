@@ -33,18 +33,19 @@ channels-last conv (``K == 1``) are still read in runs of at least one 32-byte s
   registers and no spills for sm_90, 16,384 spill 0.8-2 KiB per thread), so a tall group leaves
   room for few neighbours and short rows: a ``[2048, 512, 1, 1]`` conv's tile reads 8 bytes per
   row. On an H200 such tiles moved 0.6 TB/s, where whole rows (the ``l1`` path) moved 3.6
-  (``benchmarks/RESULTS-h200.md``). So the ``group`` prox takes one pass only where a tile's
-  rows are at least ``LINE_BYTES`` long (or whole), and two phases elsewhere.
-* **Two phases** (larger groups, e.g. the columns of an embedding table; and for ``group``,
-  groups whose one-pass rows would be short), in tiles whose rows are ``LINE_BYTES`` long where
-  ``B`` allows: phase 1 runs the same
-  kernel on ``[BLOCK_A, BLOCK_G, BLOCK_K]`` chunks of the group, writes ``z`` into ``p`` and, for
-  ``group``, adds each chunk's ``sum z^2`` into a per-group float32 buffer with atomics. Phase 2
-  re-reads ``z`` and writes the shrunk ``p``: **+8 bytes per param** (36 in all). For
-  ``group_weighted`` a solve kernel, one program per group, first streams the group's ``z`` and
-  ``v`` once for ``||D z||`` and the first Newton step, then once per Newton iteration (**+8
-  bytes per param per pass**, often from L2), and phase 2 also reads ``v`` for ``d`` (+4). For
-  16-bit params ``z`` is rounded to the param dtype between the phases (one ulp at most).
+  (``benchmarks/RESULTS-h200.md``). So a tensor takes one pass only where a tile's rows are at
+  least ``LINE_BYTES`` long (or whole), and two phases elsewhere.
+* **Two phases** (larger groups, e.g. the columns of an embedding table, and groups whose
+  one-pass rows would be short), in tiles whose rows are ``LINE_BYTES`` long where ``B`` allows:
+  phase 1 runs the same kernel on ``[BLOCK_A, BLOCK_G, BLOCK_K]`` chunks of the groups, writes
+  ``z`` into ``p`` and, for ``group``, adds each chunk's ``sum z^2`` into a per-group float32
+  buffer with atomics. Phase 2 re-reads ``z`` and writes the shrunk ``p``: **+8 bytes per
+  param** (36 in all). For ``group_weighted`` a solve kernel, one program per block of
+  ``BLOCK_G`` groups (so its rows are as long as phase 1's), first streams the groups' ``z`` and
+  ``v`` once for ``||D z||`` and the first Newton step, then once per Newton iteration until all
+  of them have converged (**+8 bytes per param per pass**, partly from L2), and phase 2 also
+  reads ``v`` for ``d`` (+4). For 16-bit params ``z`` is rounded to the param dtype between the
+  phases (one ulp at most).
 * Plain Adam and ``l1`` (tensors with fewer than two dims, ``prox="none"``, ``lambda_ == 0``)
   are elementwise: the tensor is one ``[1, 1, numel]`` row cut into ``CHUNK_TILE`` tiles.
 
@@ -105,8 +106,8 @@ _PROX_CODE = {"none": _NONE.value, "group": _GROUP.value, "group_weighted": _WEI
 # Columns of the per-tensor int64 metadata table.
 _P, _G, _M, _V = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
 _A, _B, _K = tl.constexpr(4), tl.constexpr(5), tl.constexpr(6)
-_FIRST_PROGRAM, _FIRST_GROUP = tl.constexpr(7), tl.constexpr(8)
-_META_FIELDS = tl.constexpr(9)
+_FIRST_PROGRAM, _FIRST_GROUP, _FIRST_BLOCK = tl.constexpr(7), tl.constexpr(8), tl.constexpr(9)
+_META_FIELDS = tl.constexpr(10)
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -282,71 +283,74 @@ def _adam_prox_kernel(
 
 @triton.jit
 def _group_newton_sums(
-    row, b, p_ptr, v_ptr, theta, tau, sqrt_bc2, eps,
-    AT_ZERO: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr,
+    row, tb, p_ptr, v_ptr, theta, tau, sqrt_bc2, eps,
+    AT_ZERO: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One pass over group ``b`` (``z`` in ``p``), in ``[BLOCK_A, 1, BLOCK_K]`` chunks: ``sum q^2``
-    and ``sum q^2/(theta + a)`` (see :func:`_newton_terms`), or with ``AT_ZERO`` ``||D z||^2`` and
-    ``sum (dz)^2 d`` (``theta`` unused)."""
+    """One pass over the ``BLOCK_G`` groups of block ``tb`` (``z`` in ``p``), in
+    ``[BLOCK_A, BLOCK_G, BLOCK_K]`` tiles, so that rows are read ``BLOCK_G`` groups wide: per group
+    ``sum q^2`` and ``sum q^2/(theta + a)`` (see :func:`_newton_terms`; ``theta`` is ``[BLOCK_G]``),
+    or with ``AT_ZERO`` ``||D z||^2`` and ``sum (dz)^2 d`` (``theta`` unused)."""
     tiles_a = tl.cdiv(tl.load(row + _A), BLOCK_A)
     tiles = tiles_a * tl.cdiv(tl.load(row + _K), BLOCK_K)
-    first = 0.0
-    second = 0.0
+    first = tl.zeros([BLOCK_G], dtype=tl.float32)
+    second = tl.zeros([BLOCK_G], dtype=tl.float32)
     for tile in range(tiles):
-        offs, mask, _ = _tile_at(row, b, tile % tiles_a, tile // tiles_a, BLOCK_A, 1, BLOCK_K)
+        offs, mask, _ = _tile_at(row, tb, tile % tiles_a, tile // tiles_a, BLOCK_A, BLOCK_G, BLOCK_K)
         z = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         d = tl.where(mask, tl.sqrt_rn(v) / sqrt_bc2 + eps, 1.0)
         if AT_ZERO:
             dz2 = d * z * d * z
-            first += tl.sum(dz2)
-            second += tl.sum(dz2 * d)
+            first += _group_sum(dz2)
+            second += _group_sum(dz2 * d)
         else:
-            q2, dq = _newton_terms(z, tau / d, theta)
-            first += tl.sum(q2)
-            second += tl.sum(dq)
+            q2, dq = _newton_terms(z, tau / d, theta[None, :, None])
+            first += _group_sum(q2)
+            second += _group_sum(dq)
     return first, second
 
 
 @triton.jit
 def _weighted_solve_kernel(
-    meta_ptr, group_tensor_ptr, stats_ptr, lr_ptr, coef_ptr,
+    meta_ptr, block_tensor_ptr, stats_ptr, lr_ptr, coef_ptr,
     lr, step_size, sqrt_bc2, eps, lambda_, rtol,
     P_DTYPE: tl.constexpr, CAPTURABLE: tl.constexpr, MAX_ITER: tl.constexpr,
-    BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Two-phase ``group_weighted``: one program per group finds ``theta = ||x_G||`` by streaming
-    the group's ``z`` (in ``p`` after phase 1) and ``v``: once for ``||D z||`` and the first
-    Newton step, then once per Newton iteration. Writes ``theta`` (0 for a zeroed group) to
-    ``stats``."""
+    """Two-phase ``group_weighted``: one program per block of ``BLOCK_G`` neighbouring groups finds
+    each group's ``theta = ||x_G||`` by streaming their ``z`` (in ``p`` after phase 1) and ``v``:
+    once for ``||D z||`` and the first Newton step, then once per Newton iteration, until every
+    group of the block has converged (as the one-pass kernel). Writes ``theta`` (0 for a zeroed
+    group) to ``stats``."""
     pid = tl.program_id(0)
-    t = tl.load(group_tensor_ptr + pid)
+    t = tl.load(block_tensor_ptr + pid)
     row = meta_ptr + t * _META_FIELDS
-    b = pid - tl.load(row + _FIRST_GROUP)
+    tb = pid - tl.load(row + _FIRST_BLOCK)
     lr, step_size, sqrt_bc2 = _coefficients(t, lr, step_size, sqrt_bc2, lr_ptr, coef_ptr, CAPTURABLE)
     p_ptr = tl.load(row + _P).to(tl.pointer_type(P_DTYPE))
     v_ptr = tl.load(row + _V).to(tl.pointer_type(P_DTYPE))
     tau = _tau(row, lr, lambda_)
 
-    theta = 0.0
+    theta = tl.zeros([BLOCK_G], dtype=tl.float32)
     sum_dz2, sum_dz2_d = _group_newton_sums(
-        row, b, p_ptr, v_ptr, theta, tau, sqrt_bc2, eps, True, BLOCK_A, BLOCK_K
+        row, tb, p_ptr, v_ptr, theta, tau, sqrt_bc2, eps, True, BLOCK_A, BLOCK_G, BLOCK_K
     )
-    if tl.sqrt_rn(sum_dz2) > tau:
-        theta = _first_newton_step(sum_dz2, sum_dz2_d, tau)
-        it = 1
+    active = tl.sqrt_rn(sum_dz2) > tau
+    theta = tl.where(active, _first_newton_step(sum_dz2, sum_dz2_d, tau), 0.0)
+    sum_q2, sum_dq = _group_newton_sums(
+        row, tb, p_ptr, v_ptr, theta, tau, sqrt_bc2, eps, False, BLOCK_A, BLOCK_G, BLOCK_K
+    )
+    phi = tl.rsqrt(sum_q2)
+    it = 1
+    while (tl.sum((active & (1 - phi > rtol)).to(tl.int32)) > 0) & (it < MAX_ITER):
+        theta = tl.where(active, _newton_step(theta, phi, sum_dq), 0.0)
         sum_q2, sum_dq = _group_newton_sums(
-            row, b, p_ptr, v_ptr, theta, tau, sqrt_bc2, eps, False, BLOCK_A, BLOCK_K
+            row, tb, p_ptr, v_ptr, theta, tau, sqrt_bc2, eps, False, BLOCK_A, BLOCK_G, BLOCK_K
         )
         phi = tl.rsqrt(sum_q2)
-        while (1 - phi > rtol) & (it < MAX_ITER):
-            theta = _newton_step(theta, phi, sum_dq)
-            sum_q2, sum_dq = _group_newton_sums(
-                row, b, p_ptr, v_ptr, theta, tau, sqrt_bc2, eps, False, BLOCK_A, BLOCK_K
-            )
-            phi = tl.rsqrt(sum_q2)
-            it += 1
-    tl.store(stats_ptr + pid, theta)
+        it += 1
+    b = tb * BLOCK_G + tl.arange(0, BLOCK_G)
+    tl.store(stats_ptr + tl.load(row + _FIRST_GROUP) + b, theta, mask=b < tl.load(row + _B))
 
 
 @triton.jit
@@ -420,8 +424,7 @@ def _plan_tiles(layout: GroupLayout, prox: str, itemsize: int, constants: tuple[
         room = ON_CHIP_MAX_TILE // (block_a * block_k)
         block_g = max(TARGET_TILE // (block_a * block_k), min(sector_groups, room))
         block_g = max(1, min(block_g, room, max_groups))
-        # The weighted prox keeps short rows: its two-phase solve would read each group alone.
-        if code == _WEIGHTED.value or min(block_g, B) >= min(line_groups, B):
+        if min(block_g, B) >= min(line_groups, B):
             return TilePlan(code, True, block_a, block_g, block_k)
     block_k = min(block_k, CHUNK_TILE)
     block_g = max(1, min(line_groups, CHUNK_TILE // block_k, max_groups))
@@ -437,7 +440,7 @@ def _programs(layout: GroupLayout, plan: TilePlan) -> int:
 class _Tables(NamedTuple):
     meta: Tensor  # int64 [tensors, _META_FIELDS]
     program_tensor: Tensor  # int32 [programs]: the tensor each program works on
-    group_tensor: Tensor  # int32 [groups]: the tensor each group belongs to (two-phase only)
+    block_tensor: Tensor  # int32 [group blocks]: the tensor of each block of block_g groups (the solve's)
     groups: int
 
 
@@ -466,19 +469,20 @@ def _tables(
             "the triton backend builds its pointer tables on the first step with a given set of "
             "tensors; run one step before capturing the CUDA graph (the usual warm-up)"
         )
-    rows, programs, groups = [], [], []
-    first_program = first_group = 0
+    rows, programs, blocks = [], [], []
+    first_program = first_group = first_block = 0
     for ts, layout in entries:
-        rows.append([t.data_ptr() for t in ts] + list(layout) + [first_program, first_group])
+        rows.append([t.data_ptr() for t in ts] + list(layout) + [first_program, first_group, first_block])
         programs.append(_programs(layout, plan))
-        groups.append(layout.groups)
+        blocks.append(-(-layout.groups // plan.block_g))
         first_program += programs[-1]
         first_group += layout.groups
+        first_block += blocks[-1]
     index = torch.arange(len(entries), dtype=torch.int32)
     tables = _Tables(
         meta=torch.tensor(rows, dtype=torch.int64).to(device),
         program_tensor=index.repeat_interleave(torch.tensor(programs)).to(device),
-        group_tensor=index.repeat_interleave(torch.tensor(groups)).to(device),
+        block_tensor=index.repeat_interleave(torch.tensor(blocks)).to(device),
         groups=first_group,
     )
     _TABLE_CACHE[key] = tables
@@ -612,10 +616,7 @@ def _variants(bucket: _Bucket, options: _Options) -> dict[triton.JITFunction, di
     }
     if not plan.one_pass:
         if plan.prox == _WEIGHTED.value:
-            kernels[_weighted_solve_kernel] = dict(
-                shared, MAX_ITER=reference.WEIGHTED_PROX_MAX_ITER,
-                BLOCK_A=max(1, CHUNK_TILE // plan.block_k), BLOCK_K=plan.block_k,
-            )
+            kernels[_weighted_solve_kernel] = dict(shared, **blocks, MAX_ITER=reference.WEIGHTED_PROX_MAX_ITER)
         kernels[_shrink_kernel] = dict(shared, **blocks, PROX=plan.prox)
     return kernels
 
@@ -646,7 +647,7 @@ def _launch(
         sqrt_bc2 = math.sqrt(1 - beta2**bucket.step)
     args = dict(
         {name: float(value) for name, value in scalars.items()},
-        meta_ptr=tables.meta, program_tensor_ptr=tables.program_tensor, group_tensor_ptr=tables.group_tensor,
+        meta_ptr=tables.meta, program_tensor_ptr=tables.program_tensor, block_tensor_ptr=tables.block_tensor,
         grad_scale_ptr=grad_scale, lr_ptr=lr_t, coef_ptr=coef,
         stats_ptr=None if plan.one_pass else torch.zeros(tables.groups, dtype=torch.float32, device=device),
         lr=float(lr), step_size=float(step_size), sqrt_bc2=float(sqrt_bc2), beta1c=1.0 - beta1,
@@ -654,7 +655,7 @@ def _launch(
         rtol=reference.WEIGHTED_PROX_RTOL[torch.float32],
     )
     for kernel, constexprs in _variants(bucket, options).items():
-        grid = (tables.groups if kernel is _weighted_solve_kernel else tables.program_tensor.numel(),)
+        grid = ((tables.block_tensor if kernel is _weighted_solve_kernel else tables.program_tensor).numel(),)
         kernel[grid](
             **{name: args[name] for name in kernel.arg_names if name not in constexprs},
             **constexprs, num_warps=plan.num_warps,
@@ -675,7 +676,7 @@ def compile_kernels(arch: int = 90) -> int:
     if INTERPRETED:
         raise RuntimeError("compile_kernels needs the module imported without TRITON_INTERPRET=1")
     pointer_types = dict(
-        meta_ptr="*i64", program_tensor_ptr="*i32", group_tensor_ptr="*i32",
+        meta_ptr="*i64", program_tensor_ptr="*i32", block_tensor_ptr="*i32",
         stats_ptr="*fp32", grad_scale_ptr="*fp32", lr_ptr="*fp32", coef_ptr="*fp32",
     )
     layouts = [GroupLayout(64, 5, 9), GroupLayout(512, 64, 1), GroupLayout(1, 10, 4608)]
