@@ -6,8 +6,8 @@ times the alternatives side by side on one GPU, so that choosing them is a singl
 variant and prox it takes one step from the set's warm state and reports the summed kernel time
 (:func:`benchmarks.device_time.kernel_times`, median of ``--repeats``), the launches, and the
 largest difference from the default plan's step (the same maths in another order: rounding only).
-With ``LINE_BYTES=0`` every group that fits on chip takes one pass, as before two-phase tiles
-with line-long rows.
+With ``LINE_BYTES=0`` the plan is the one timed in ``benchmarks/RESULTS-h200.md``: every group
+that fits on chip takes one pass, whatever its rows.
 """
 
 from __future__ import annotations

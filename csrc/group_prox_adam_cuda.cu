@@ -352,8 +352,8 @@ Plan plan_tiles(const Layout& L, int prox) {
     const int64_t fit = std::max<int64_t>(1, (capacity / L.A - 1) / L.K);
     const int64_t want = std::max<int64_t>(min_groups, kTargetTile / (L.A * L.K));
     const int64_t nb = std::max<int64_t>(1, std::min<int64_t>({want, fit, L.B, kMaxGroupsPerTile}));
-    // Tall groups leave room for few: "group" then takes two phases rather than short rows (as
-    // the triton backend); the weighted prox keeps them, its two-phase solve reads each group alone.
+    // Tall groups leave room for few: "group" then takes two phases rather than short rows; the
+    // weighted prox keeps them, since its two-phase solve reads each group alone, strided.
     if (prox == kWeighted || nb >= min_groups) {
       const Tile tile{L.A, nb, L.K, (nb * L.K) | 1};
       return {tile, true, arrays * 4 * tile.ba * tile.pitch};
