@@ -102,3 +102,18 @@ def test_report_leaves_out_a_method_that_raises_and_says_why(tmp_path, monkeypat
     assert f"* **Failed** `{broken.label}`, left out: RuntimeError: CUDA error: invalid argument (set small-convs)" in text
     assert f"| {broken.label} |" not in text
     assert f"| {fused_spec('cpu', 'group').label} |" in text
+
+
+def test_performance_paragraph_gives_the_fraction_of_copy_bandwidth():
+    rows = [
+        report.Row(FLOOR[0], [1.0]),
+        report.Row(fused_spec("triton", "group"), [2.0], floor_ms=[1.0]),
+        report.Row(fused_spec("triton", "group_weighted"), [4.0], floor_ms=[1.0]),
+        report.Row(next(s for s in UNFUSED if s.key == "unfused-group"), [3.0], floor_ms=[1.0]),
+        report.Row(next(s for s in UNFUSED if s.key == "published-weighted"), [30.0], floor_ms=[1.0]),
+    ]
+    result = report.SetResult("resnet50-convs", "a set", 100_000_000, rows)
+    text = report.performance_paragraph([result], "cpu", 2, copy_gbs=2800.0)
+    # 28 B x 1e8 params: 2,800 GB/s in 1 ms, 1,400 in 2 ms, 700 in 4 ms.
+    assert "the group step moves 1,400 GB/s and the weighted step 700 GB/s: 50% and 25%" in text
+    assert "(2,800 GB/s read plus written; fused Adam: 100%)" in text
