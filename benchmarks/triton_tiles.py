@@ -1,7 +1,7 @@
 """``python -m benchmarks.triton_tiles``: the Triton backend's kernel time under other tile plans.
 
 The tile plan's constants (:mod:`lomt_kernels.kernels.triton_group_adam`: ``LINE_BYTES``,
-``CHUNK_TILE``, ``ON_CHIP_MAX_TILE``) were chosen from register counts and one H200 run; this
+``TWO_PHASE_TILE``, ``ON_CHIP_MAX_TILE``) were chosen from register counts and one H200 run; this
 times the alternatives side by side on one GPU, so that choosing them is a single call. For each
 variant and prox it takes one step from the set's warm state and reports the summed kernel time
 (:func:`benchmarks.device_time.kernel_times`, median of ``--repeats``), the launches, and the
@@ -26,8 +26,8 @@ from .params import BYTES_PER_PARAM, build_set
 
 #: The values tried for each plan constant (the module's own value is always among the variants).
 VARIANTS = {
-    "LINE_BYTES": (0, 128, 256),
-    "CHUNK_TILE": (1024, 2048, 4096),
+    "LINE_BYTES": (0, 128, 256, 512),
+    "TWO_PHASE_TILE": (512, 1024, 2048),
     "ON_CHIP_MAX_TILE": (2048, 4096),
 }
 
@@ -53,7 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.triton_tiles", description=__doc__.split("\n\n")[0])
     parser.add_argument("--set", default="resnet50-convs", help="param set (default resnet50-convs)")
     parser.add_argument("--repeats", type=int, default=5, help="steps profiled per variant")
+    for name, values in VARIANTS.items():
+        parser.add_argument(
+            f"--{name.lower().replace('_', '-')}", dest=name, default=values,
+            type=lambda text: tuple(int(x) for x in text.split(",")),
+            help=f"comma-separated values of {name} (default {','.join(map(str, values))})",
+        )
     args = parser.parse_args(argv)
+    variants = {name: getattr(args, name) for name in VARIANTS}
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device")
 
@@ -62,13 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     floor.timed_step()
     floor_ms = statistics.median(kernel_times(floor)[0] for _ in range(args.repeats))
     print(f"{args.set} on {torch.cuda.get_device_name()}: fused Adam's kernels {floor_ms:.3f} ms")
-    print(f"| prox | {' | '.join(VARIANTS)} | kernel ms | × fused Adam | GB/s at 28 B/param | launches | max diff from default |")
-    print("|---|" + "---:|" * (len(VARIANTS) + 5))
+    print(f"| prox | {' | '.join(variants)} | kernel ms | × fused Adam | GB/s at 28 B/param | launches | max diff from default |")
+    print("|---|" + "---:|" * (len(variants) + 5))
     default = {name: getattr(triton_backend, name) for name in VARIANTS}
     for prox in ("group", "group_weighted"):
         _, _, expected = run_variant(pset, prox, default, 1)
-        for values in itertools.product(*VARIANTS.values()):
-            constants = dict(zip(VARIANTS, values))
+        for values in itertools.product(*variants.values()):
+            constants = dict(zip(variants, values))
             ms, launches, method = run_variant(pset, prox, constants, args.repeats)
             gbs = BYTES_PER_PARAM * pset.numel / (ms / 1e3) / 1e9
             mark = " (default)" if constants == default else ""

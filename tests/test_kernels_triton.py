@@ -243,7 +243,7 @@ def test_options(prox, options):
 def test_two_phase_path(monkeypatch, prox, grouping):
     """Groups too large for one tile: Adam + z + partial sums, then the (solve and) shrink."""
     monkeypatch.setattr(triton_backend, "ON_CHIP_MAX_TILE", 16)
-    monkeypatch.setattr(triton_backend, "CHUNK_TILE", 8)
+    monkeypatch.setattr(triton_backend, "TWO_PHASE_TILE", 8)
     layout = group_layout(torch.empty(SHAPES["conv3x3"][0]), grouping)
     assert not triton_backend.plan_tiles(layout, prox, 4).one_pass
     state = State(["conv3x3", "conv1x1", "linear", "conv3x3_channels_last"], grouping, torch.float32, DEVICE)
@@ -252,26 +252,28 @@ def test_two_phase_path(monkeypatch, prox, grouping):
 
 
 @pytest.mark.parametrize("prox", ["group", "group_weighted"])
-def test_short_rows_take_two_phases(monkeypatch, prox):
-    """A tall 1x1 conv whose one-pass tile would hold few groups, so short rows, takes two
-    phases with line-long rows instead (the weighted prox's solve too: a block of groups per
-    program); a conv3x3 beside it keeps its one pass in the same call."""
+def test_short_rows_take_two_phases_for_the_group_prox(monkeypatch, prox):
+    """A tall 1x1 conv whose one-pass tile would hold few groups, so short rows: the group prox
+    takes two phases with line-long rows instead; the weighted prox keeps its one pass. A
+    conv1x1 beside it keeps its one pass in the same call."""
     monkeypatch.setattr(triton_backend, "ON_CHIP_MAX_TILE", 64)
     monkeypatch.setattr(triton_backend, "TARGET_TILE", 64)
     shape = (16, 40, 1, 1)
     plan = triton_backend.plan_tiles(group_layout(torch.empty(shape), "in_channel"), prox, 4)
-    assert not plan.one_pass and plan.block_g * 4 == triton_backend.LINE_BYTES
+    if prox == "group":
+        assert not plan.one_pass and plan.block_g * 4 == triton_backend.LINE_BYTES
+    else:
+        assert plan.one_pass and plan.block_g * 4 < triton_backend.LINE_BYTES
     state = State([(shape, "contiguous"), "conv1x1"], "in_channel", torch.float32, DEVICE)
     assert_some_groups_zero_and_some_not(run_steps(triton_backend.group_prox_adam, state, **hyper(prox, "in_channel")))
 
 
-@pytest.mark.parametrize("prox", ["group", "group_weighted"])
-def test_tiles_read_whole_lines_at_resnet50_sizes(prox):
-    """Every tile of the ResNet-50 convs reads rows of a cache line or more (or whole rows), in
-    one pass or two."""
+def test_group_prox_tiles_read_long_rows_at_resnet50_sizes():
+    """Every group-prox tile of the ResNet-50 convs reads rows of ``LINE_BYTES`` or more (or
+    whole rows), in one pass or two."""
     for shape in resnet50_conv_shapes():
         A, B, K = layout = group_layout(torch.empty(shape, device="meta"), "in_channel")
-        plan = triton_backend.plan_tiles(layout, prox, 4)
+        plan = triton_backend.plan_tiles(layout, "group", 4)
         assert min(plan.block_g, B) * K * 4 >= min(triton_backend.LINE_BYTES, B * K * 4), (shape, plan)
 
 

@@ -33,19 +33,20 @@ channels-last conv (``K == 1``) are still read in runs of at least one 32-byte s
   registers and no spills for sm_90, 16,384 spill 0.8-2 KiB per thread), so a tall group leaves
   room for few neighbours and short rows: a ``[2048, 512, 1, 1]`` conv's tile reads 8 bytes per
   row. On an H200 such tiles moved 0.6 TB/s, where whole rows (the ``l1`` path) moved 3.6
-  (``benchmarks/RESULTS-h200.md``). So a tensor takes one pass only where a tile's rows are at
-  least ``LINE_BYTES`` long (or whole), and two phases elsewhere.
-* **Two phases** (larger groups, e.g. the columns of an embedding table, and groups whose
-  one-pass rows would be short), in tiles whose rows are ``LINE_BYTES`` long where ``B`` allows:
-  phase 1 runs the same kernel on ``[BLOCK_A, BLOCK_G, BLOCK_K]`` chunks of the groups, writes
-  ``z`` into ``p`` and, for ``group``, adds each chunk's ``sum z^2`` into a per-group float32
-  buffer with atomics. Phase 2 re-reads ``z`` and writes the shrunk ``p``: **+8 bytes per
-  param** (36 in all). For ``group_weighted`` a solve kernel, one program per block of
-  ``BLOCK_G`` groups (so its rows are as long as phase 1's), first streams the groups' ``z`` and
-  ``v`` once for ``||D z||`` and the first Newton step, then once per Newton iteration until all
-  of them have converged (**+8 bytes per param per pass**, partly from L2), and phase 2 also
-  reads ``v`` for ``d`` (+4). For 16-bit params ``z`` is rounded to the param dtype between the
-  phases (one ulp at most).
+  (``benchmarks/RESULTS-h200.md``). So the ``group`` prox takes one pass only where a tile's
+  rows are at least ``LINE_BYTES`` long (or whole), and two phases elsewhere; the weighted prox
+  keeps its one pass wherever the group fits, since its two phases cost more (below).
+* **Two phases** (larger groups, e.g. the columns of an embedding table; for ``group`` also
+  groups whose one-pass rows would be short), in ``TWO_PHASE_TILE``-element tiles whose rows are
+  ``LINE_BYTES`` long for ``group`` (a sector for ``group_weighted``) where ``B`` allows: phase
+  1 runs the same kernel on ``[BLOCK_A, BLOCK_G, BLOCK_K]`` chunks of the groups, writes ``z``
+  into ``p`` and, for ``group``, adds each chunk's ``sum z^2`` into a per-group float32 buffer
+  with atomics. Phase 2 re-reads ``z`` and writes the shrunk ``p``: **+8 bytes per param** (36
+  in all). For ``group_weighted`` a solve kernel, one program per block of ``BLOCK_G`` groups,
+  first streams the groups' ``z`` and ``v`` once for ``||D z||`` and the first Newton step,
+  then once per Newton iteration until all of them have converged (**+8 bytes per param per
+  pass**, partly from L2), and phase 2 also reads ``v`` for ``d`` (+4). For 16-bit params ``z``
+  is rounded to the param dtype between the phases (one ulp at most).
 * Plain Adam and ``l1`` (tensors with fewer than two dims, ``prox="none"``, ``lambda_ == 0``)
   are elementwise: the tensor is one ``[1, 1, numel]`` row cut into ``CHUNK_TILE`` tiles.
 
@@ -63,8 +64,8 @@ on the device from the ``state_steps`` (which must then live on the params' devi
 syncs nothing with the host and can be captured in a CUDA graph (after one eager step with the
 same tensors, which builds the pointer tables).
 
-The tile sizes below are chosen to stay in registers without spills (checked with
-``triton.compile`` for sm_90); they have not been tuned on a GPU.
+The tile sizes below stay in registers without spills (``ptxas -v`` for sm_90); the two-phase
+constants were picked on an H200 with :mod:`benchmarks.triton_tiles`.
 """
 
 from __future__ import annotations
@@ -91,13 +92,17 @@ ON_CHIP_MAX_TILE = 4096
 TARGET_TILE = 4096
 #: At most this many groups per tile (bounds the padding when groups are tiny).
 MAX_GROUPS_PER_TILE = 64
-#: Tile size of the elementwise path and of the two-phase chunks.
+#: Tile size of the elementwise path.
 CHUNK_TILE = 2048
+#: Tile size of the two-phase chunks (on an H200 the ResNet-50 group step's kernels took 0.46 ms
+#: with 512, 0.60 with 1,024, 1.15 with 2,048, all with 256-byte rows: ``benchmarks/RESULTS-h200.md``).
+TWO_PHASE_TILE = 512
 #: A one-pass tile's contiguous runs are at least this long when ``B`` allows (one DRAM sector).
 SECTOR_BYTES = 32
-#: A two-phase tile's contiguous runs are at least this long when ``B`` allows (one cache line,
-#: a warp's 32 coalesced floats); and the ``group`` prox takes one pass only with runs this long.
-LINE_BYTES = 128
+#: The ``group`` prox takes one pass only where a tile's rows run at least this long (or whole),
+#: and its two-phase tiles have rows this long where ``B`` allows (256 and 512 bytes measured the
+#: same on an H200, 128 as slow as 8-byte rows).
+LINE_BYTES = 256
 
 # Prox codes: the kernels' PROX constexpr.
 _NONE, _GROUP, _WEIGHTED, _L1 = (tl.constexpr(code) for code in range(4))
@@ -405,13 +410,15 @@ def plan_tiles(layout: GroupLayout, prox: str, itemsize: int) -> TilePlan:
     kernel launch. The module's tile constants are part of the key, so changing one (as
     :mod:`benchmarks.triton_tiles` and the tests do) plans afresh.
     """
-    constants = (ON_CHIP_MAX_TILE, TARGET_TILE, MAX_GROUPS_PER_TILE, CHUNK_TILE, SECTOR_BYTES, LINE_BYTES)
+    constants = (
+        ON_CHIP_MAX_TILE, TARGET_TILE, MAX_GROUPS_PER_TILE, CHUNK_TILE, TWO_PHASE_TILE, SECTOR_BYTES, LINE_BYTES
+    )
     return _plan_tiles(layout, prox, itemsize, constants)
 
 
 @functools.lru_cache(maxsize=1024)
 def _plan_tiles(layout: GroupLayout, prox: str, itemsize: int, constants: tuple[int, ...]) -> TilePlan:
-    ON_CHIP_MAX_TILE, TARGET_TILE, MAX_GROUPS_PER_TILE, CHUNK_TILE, SECTOR_BYTES, LINE_BYTES = constants
+    ON_CHIP_MAX_TILE, TARGET_TILE, MAX_GROUPS_PER_TILE, CHUNK_TILE, TWO_PHASE_TILE, SECTOR_BYTES, LINE_BYTES = constants
     code = _PROX_CODE[prox]
     if code in (_NONE.value, _L1.value):
         return TilePlan(code, True, 1, 1, CHUNK_TILE)
@@ -424,11 +431,17 @@ def _plan_tiles(layout: GroupLayout, prox: str, itemsize: int, constants: tuple[
         room = ON_CHIP_MAX_TILE // (block_a * block_k)
         block_g = max(TARGET_TILE // (block_a * block_k), min(sector_groups, room))
         block_g = max(1, min(block_g, room, max_groups))
-        if min(block_g, B) >= min(line_groups, B):
+        # The weighted prox keeps its one pass: in two phases its Newton passes cost more than
+        # short rows do (1.74 against 1.35 ms on an H200, benchmarks/RESULTS-h200.md).
+        if code == _WEIGHTED.value or min(block_g, B) >= min(line_groups, B):
             return TilePlan(code, True, block_a, block_g, block_k)
-    block_k = min(block_k, CHUNK_TILE)
-    block_g = max(1, min(line_groups, CHUNK_TILE // block_k, max_groups))
-    block_a = min(triton.next_power_of_2(A), CHUNK_TILE // (block_g * block_k))
+    # The weighted solve runs a program per block of groups, its Newton passes in sequence: few
+    # groups a block keep enough programs in flight (one group for a 3x3 conv: 0.44 ms less on an
+    # H200 than 8 for the three [512, 512, 3, 3] convs of ResNet-50).
+    want = sector_groups if code == _WEIGHTED.value else line_groups
+    block_k = min(block_k, TWO_PHASE_TILE)
+    block_g = max(1, min(want, TWO_PHASE_TILE // block_k, max_groups))
+    block_a = min(triton.next_power_of_2(A), TWO_PHASE_TILE // (block_g * block_k))
     return TilePlan(code, False, block_a, block_g, block_k)
 
 
