@@ -47,5 +47,6 @@ stage triton_tests 300 $python -m pytest -q -p no:cacheprovider $parallel tests/
 wait $build
 stage cuda_tests 300 $python -m pytest -q -p no:cacheprovider $parallel -k "not extension_compiles" tests/test_kernels_cuda.py
 TAIL_LINES=40 stage device_time 300 $python -m benchmarks.device_time --output "$out/device_time.md"
-stage report 600 $python -m benchmarks.report --device cuda --repeats 15 --output "$out/RESULTS-cuda.md"
-TAIL_LINES=45 stage triton_tiles 400 $python -m benchmarks.triton_tiles
+# REPORT_ARGS and TILES_ARGS narrow the last two stages where device time is short.
+stage report 600 $python -m benchmarks.report --device cuda ${REPORT_ARGS:---repeats 15} --output "$out/RESULTS-cuda.md"
+TAIL_LINES=45 stage triton_tiles 400 $python -m benchmarks.triton_tiles ${TILES_ARGS:-}
