@@ -432,12 +432,12 @@ def _plan_tiles(layout: GroupLayout, prox: str, itemsize: int, constants: tuple[
         block_g = max(TARGET_TILE // (block_a * block_k), min(sector_groups, room))
         block_g = max(1, min(block_g, room, max_groups))
         # The weighted prox keeps its one pass: in two phases its Newton passes cost more than
-        # short rows do (1.74 against 1.35 ms on an H200, benchmarks/RESULTS-h200.md).
+        # short rows do (2.36 against 1.31 ms on an H200, benchmarks/RESULTS-h200.md).
         if code == _WEIGHTED.value or min(block_g, B) >= min(line_groups, B):
             return TilePlan(code, True, block_a, block_g, block_k)
     # The weighted solve runs a program per block of groups, its Newton passes in sequence: few
-    # groups a block keep enough programs in flight (one group for a 3x3 conv: 0.44 ms less on an
-    # H200 than 8 for the three [512, 512, 3, 3] convs of ResNet-50).
+    # groups a block keep enough programs in flight (for the three [512, 512, 3, 3] convs of
+    # ResNet-50, one group a program solved in 0.13 ms on an H200, eight in 0.44).
     want = sector_groups if code == _WEIGHTED.value else line_groups
     block_k = min(block_k, TWO_PHASE_TILE)
     block_g = max(1, min(want, TWO_PHASE_TILE // block_k, max_groups))
