@@ -97,7 +97,8 @@ CHUNK_TILE = 2048
 #: Tile size of the two-phase chunks (on an H200 the ResNet-50 group step's kernels took 0.46 ms
 #: with 512, 0.60 with 1,024, 1.15 with 2,048, all with 256-byte rows: ``benchmarks/RESULTS-h200.md``).
 TWO_PHASE_TILE = 512
-#: A one-pass tile's contiguous runs are at least this long when ``B`` allows (one DRAM sector).
+#: One-pass tiles, and the weighted prox's two-phase tiles, have contiguous runs at least this
+#: long when ``B`` allows (one DRAM sector).
 SECTOR_BYTES = 32
 #: The ``group`` prox takes one pass only where a tile's rows run at least this long (or whole),
 #: and its two-phase tiles have rows this long where ``B`` allows (256 and 512 bytes measured the
