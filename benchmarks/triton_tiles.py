@@ -1,13 +1,14 @@
 """``python -m benchmarks.triton_tiles``: the Triton backend's kernel time under other tile plans.
 
 The tile plan's constants (:mod:`lomt_kernels.kernels.triton_group_adam`: ``LINE_BYTES``,
-``TWO_PHASE_TILE``, ``ON_CHIP_MAX_TILE``) were chosen from register counts and one H200 run; this
-times the alternatives side by side on one GPU, so that choosing them is a single call. For each
+``TWO_PHASE_TILE``, ``ON_CHIP_MAX_TILE``) were picked with this on an H200
+(``benchmarks/RESULTS-h200.md``); it times the alternatives side by side on one GPU, so that
+checking them on another is a single call. For each
 variant and prox it takes one step from the set's warm state and reports the summed kernel time
 (:func:`benchmarks.device_time.kernel_times`, median of ``--repeats``), the launches, and the
 largest difference from the default plan's step (the same maths in another order: rounding only).
-With ``LINE_BYTES=0`` the plan is the one timed in ``benchmarks/RESULTS-h200.md``: every group
-that fits on chip takes one pass, whatever its rows.
+With ``LINE_BYTES=0`` the plan is the one of that record's first call: every group that fits on
+chip takes one pass, whatever its rows.
 """
 
 from __future__ import annotations
