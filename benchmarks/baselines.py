@@ -86,6 +86,12 @@ def all_specs(backends: tuple[str, ...] = BACKENDS) -> list[MethodSpec]:
     return specs
 
 
+def error_summary(exc: BaseException) -> str:
+    """``Type: first line of its message``: a failed method's reason, for a log line or a table."""
+    first = str(exc).splitlines()[:1]
+    return f"{type(exc).__name__}: {first[0]}" if first else type(exc).__name__
+
+
 def skip_reason(spec: MethodSpec, device: torch.device | str) -> str | None:
     """Why ``spec`` cannot be benchmarked on ``device`` (``None`` if it can)."""
     device = torch.device(device)

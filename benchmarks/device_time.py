@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from .baselines import FLOOR, WEIGHTED_TRAFFIC, Method, MethodSpec, fused_spec, skip_reason
-from .params import BYTES_PER_PARAM, ParamSet, build_set
+from .baselines import FLOOR, WEIGHTED_TRAFFIC, Method, MethodSpec, error_summary, fused_spec, skip_reason
+from .params import ParamSet, build_set, step_gbs
 
 #: The methods timed by default: the floor, the traffic yardstick and the GPU backends' steps.
 DEFAULT_SPECS = (
@@ -49,8 +49,7 @@ def measure(spec: MethodSpec, pset: ParamSet, repeats: int) -> list[str]:
     wall = statistics.median(1e3 * method.timed_step() for _ in range(repeats))
     profiled = [kernel_times(method) for _ in range(repeats)]
     device = statistics.median(ms for ms, _ in profiled)
-    gbs = BYTES_PER_PARAM * pset.numel / (device / 1e3) / 1e9
-    lines = [f"| {spec.label} | {wall:.3f} | {device:.3f} | {gbs:,.0f} | {wall - device:.3f} |"]
+    lines = [f"| {spec.label} | {wall:.3f} | {device:.3f} | {step_gbs(pset.numel, device):,.0f} | {wall - device:.3f} |"]
     lines += [f"|   {name[:80]} (×{count}) | | {ms:.3f} | | |" for name, count, ms in profiled[-1][1][:TOP_KERNELS]]
     return lines
 
@@ -79,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             lines += [f"| {spec.label} | skipped: {reason} | | | |"] if reason else measure(spec, pset, args.repeats)
         except Exception as exc:  # one backend's failure must not cost the other rows
-            lines.append(f"| {spec.label} | failed: {type(exc).__name__}: {str(exc).splitlines()[0]} | | | |")
+            lines.append(f"| {spec.label} | failed: {error_summary(exc)} | | | |")
         print("\n".join(lines[start:]), flush=True)
     text = "\n".join(lines) + "\n"
     print()

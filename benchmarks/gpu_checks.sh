@@ -5,9 +5,10 @@
 #
 # builds the CUDA extension (in the background, while the Triton tests run), runs the GPU tests
 # of both GPU backends, then the kernel-time split (benchmarks.device_time), the full report
-# (benchmarks.report --device cuda) and the Triton tile-plan variants (benchmarks.triton_tiles). Each stage writes OUTDIR/<stage>.log (default gpu-checks/)
-# and has a time limit, so one that hangs or fails costs only itself; OUTDIR/summary.log has
-# each stage's exit code and last lines. Set TORCH_CUDA_ARCH_LIST (default 9.0) for other GPUs.
+# (benchmarks.report --device cuda) and the Triton tile-plan variants (benchmarks.triton_tiles).
+# Each stage writes OUTDIR/<stage>.log (default gpu-checks/) and has a time limit, so one that
+# hangs or fails costs only itself; OUTDIR/summary.log has each stage's exit code and last
+# lines. Set TORCH_CUDA_ARCH_LIST (default 9.0) for other GPUs.
 set -u
 out=$(mkdir -p "${1:-gpu-checks}" && cd "${1:-gpu-checks}" && pwd)
 cd "$(dirname "$0")/.."

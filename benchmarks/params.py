@@ -32,6 +32,12 @@ TARGET_ZERO_FRACTION = 0.5
 #: Bytes a one-pass fp32 step must move per param: read p, g, m, v and write p, m, v.
 BYTES_PER_PARAM = 28
 
+
+def step_gbs(numel: int, ms: float) -> float:
+    """The effective bandwidth of a step over ``numel`` params that took ``ms`` milliseconds, in
+    GB/s, counting :data:`BYTES_PER_PARAM` per param."""
+    return BYTES_PER_PARAM * numel / (ms / 1e3) / 1e9
+
 #: Realistic conv shapes for the size sweep (all appear in ResNet-50/DeepLab-V3).
 SWEEP_SHAPES = (
     (512, 512, 3, 3),

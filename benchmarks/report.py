@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from .baselines import FLOOR, PUBLISHED_NEWTON_ITERS, Method, MethodSpec, all_specs, skip_reason
-from .params import BYTES_PER_PARAM, SWEEP_SIZES_M, ParamSet, build_set, set_names
+from .baselines import FLOOR, PUBLISHED_NEWTON_ITERS, Method, MethodSpec, all_specs, error_summary, skip_reason
+from .params import BYTES_PER_PARAM, SWEEP_SIZES_M, ParamSet, build_set, set_names, step_gbs
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 #: Rounds of the slow published baseline, whatever ``--repeats`` says.
@@ -96,7 +96,7 @@ def run_set(pset: ParamSet, device: str, repeats: int, log=print) -> SetResult:
                 if row.spec.key != "published-weighted":
                     method.timed_step()
             except Exception as exc:  # a backend's bug must not cost the other methods' figures
-                row.skipped, row.failed = f"{type(exc).__name__}: {str(exc).splitlines()[0]}", True
+                row.skipped, row.failed = error_summary(exc), True
                 log(f"  {row.spec.label:<58} failed: {row.skipped}")
                 continue
             methods[row.spec.key] = method
@@ -166,7 +166,7 @@ def set_table(result: SetResult) -> str:
     for row in result.rows:
         if row.skipped is not None:
             continue
-        gbs = BYTES_PER_PARAM * result.numel / (row.median / 1e3) / 1e9
+        gbs = step_gbs(result.numel, row.median)
         ratio = "-" if row.ratio is None else f"{row.ratio:.2f}"
         rng = f"{_fmt_ms(min(row.times_ms))}–{_fmt_ms(max(row.times_ms))}" if len(row.times_ms) > 1 else "1 round"
         zeroed = "-" if row.zeroed is None else f"{row.zeroed:.0%}"
@@ -264,9 +264,7 @@ def performance_paragraph(
             f" The l1 prox takes {_fmt_ms(l1.median)} ms against {_fmt_ms(unf_l1.median)} ms unfused."
         )
     if copy_gbs:
-        floor_gbs, group_gbs, weighted_gbs = (
-            BYTES_PER_PARAM * result.numel / (row.median / 1e3) / 1e9 for row in (floor, group, weighted)
-        )
+        floor_gbs, group_gbs, weighted_gbs = (step_gbs(result.numel, row.median) for row in (floor, group, weighted))
         text += (
             f" At {BYTES_PER_PARAM} B/param the group step moves {group_gbs:,.0f} GB/s and the weighted "
             f"step {weighted_gbs:,.0f} GB/s: {group_gbs / copy_gbs:.0%} and {weighted_gbs / copy_gbs:.0%} "

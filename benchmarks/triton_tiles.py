@@ -23,7 +23,7 @@ from lomt_kernels.kernels import triton_group_adam as triton_backend
 
 from .baselines import FLOOR, Method, fused_spec, max_abs_diff
 from .device_time import kernel_times
-from .params import BYTES_PER_PARAM, build_set
+from .params import build_set, step_gbs
 
 #: The values tried for each plan constant (the module's own value is always among the variants).
 VARIANTS = {
@@ -78,10 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         for values in itertools.product(*variants.values()):
             constants = dict(zip(variants, values))
             ms, launches, method = run_variant(pset, prox, constants, args.repeats)
-            gbs = BYTES_PER_PARAM * pset.numel / (ms / 1e3) / 1e9
             mark = " (default)" if constants == default else ""
             print(
-                f"| {prox}{mark} | {' | '.join(map(str, values))} | {ms:.3f} | {ms / floor_ms:.2f} | {gbs:,.0f} | "
+                f"| {prox}{mark} | {' | '.join(map(str, values))} | {ms:.3f} | {ms / floor_ms:.2f} | {step_gbs(pset.numel, ms):,.0f} | "
                 f"{launches} | {max_abs_diff(method, expected):.2g} |",
                 flush=True,
             )
