@@ -349,9 +349,12 @@ class Block {
   // 8.4 ms, the weighted prox's two per-lane sums made pass 1 take 9.6 ms against 7.8 ms
   // without them, over half of that because they left L1 while the row's four arrays streamed
   // through it (column chunks whose sums stay in L1 measured slower still: strided rows read
-  // slowly). So pass 1 sums 3x3 groups in registers instead (sum_3x3): 4.7% less for the
-  // weighted step on the ResNet-50 set (16.0 against 16.8 ms, fused Adam 8.6 ms), the same for
-  // the group step, whose one per-lane sum fits L1. The Newton passes measured 4% slower that way.
+  // slowly). So pass 1 sums 3x3 groups in registers instead (sum_3x3): with AVX-512, 4.7% less
+  // for the weighted step on the ResNet-50 set (16.0 against 16.8 ms, fused Adam 8.6 ms), the
+  // same for the group step, whose one per-lane sum fits L1; with AVX2 (the same VM offered
+  // without AVX-512), 5% less for the weighted step on the set's 3x3 convs, 1.5% on the whole
+  // set and 1% for the group step (interleaved rounds). The Newton passes measured 4% slower
+  // that way (AVX-512).
   template <int N, int kRows = 1, class F>
   C10_ALWAYS_INLINE void reduce(int64_t g_lo, int64_t g_hi, T* lanes, const std::array<T*, N>& sums, F&& f) const {
     const int64_t K = K_, L = L_;
@@ -375,13 +378,13 @@ class Block {
       }
       return;
     }
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
     if constexpr (kRows == 1 && std::is_same_v<T, float>) {
       if (K == 9) {
-        const int64_t g_mid = g_lo + (g_hi - g_lo) / 16 * 16;
+        const int64_t g_mid = g_lo + (g_hi - g_lo) / kVec * kVec;
         sum_3x3<N>(g_lo, g_mid, sums, f);
         if (g_mid == g_hi) return;
-        g_lo = g_mid;  // fewer than 16 groups left: per-lane sums
+        g_lo = g_mid;  // fewer than kVec groups left: per-lane sums
       }
     }
 #endif
@@ -455,6 +458,68 @@ class Block {
   template <int kShift>
   static C10_ALWAYS_INLINE __m512 shift_in(__m512 x, __m512 next) {
     return _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(next), _mm512_castps_si512(x), kShift));
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  // reduce's sums for groups of K = 9 lanes (3x3 convs), in float, for the groups [g_lo, g_hi)
+  // with g_hi - g_lo a multiple of 8, without per-lane sums (the AVX2 counterpart of the above).
+  // Eight groups are 72 lanes, nine whole vectors t_0..t_8 (a chunk), and group g is lanes
+  // [g, 8) of t_g with lanes [0, g] of t_{g+1}. So w_g, lanes [g + 1, 8) of t_g with lanes
+  // [0, g] of t_{g+1} (one blend), holds all of group g but lane g of t_g; e, lane g of t_g for
+  // every g (one blend per vector), holds that. The chunk's group sums are e plus the sums of
+  // w_0..w_7, from a tree of horizontal adds built as the w arrive. The blends take their masks
+  // from tables, not immediates, so that the loop over a chunk's vectors stays a loop with one
+  // call of f: unrolled into nine calls, f (pass 1's Adam update) was no longer inlined, and
+  // the step ran three times as long.
+  template <int N, class F>
+  C10_ALWAYS_INLINE void sum_3x3(int64_t g_lo, int64_t g_hi, const std::array<T*, N>& sums, F& f) const {
+    static_assert(std::is_same_v<T, float> && kVec == 8);
+    // Row k of kLaneIs (k < 8) is lane k; row k of kLanesFrom is lanes [k, 8).
+    alignas(32) static constexpr int32_t kLaneIs[9][8] = {
+        {-1, 0, 0, 0, 0, 0, 0, 0}, {0, -1, 0, 0, 0, 0, 0, 0}, {0, 0, -1, 0, 0, 0, 0, 0}, {0, 0, 0, -1, 0, 0, 0, 0},
+        {0, 0, 0, 0, -1, 0, 0, 0}, {0, 0, 0, 0, 0, -1, 0, 0}, {0, 0, 0, 0, 0, 0, -1, 0}, {0, 0, 0, 0, 0, 0, 0, -1},
+        {0, 0, 0, 0, 0, 0, 0, 0}};
+    alignas(32) static constexpr int32_t kLanesFrom[9][8] = {
+        {-1, -1, -1, -1, -1, -1, -1, -1}, {0, -1, -1, -1, -1, -1, -1, -1}, {0, 0, -1, -1, -1, -1, -1, -1},
+        {0, 0, 0, -1, -1, -1, -1, -1}, {0, 0, 0, 0, -1, -1, -1, -1}, {0, 0, 0, 0, 0, -1, -1, -1},
+        {0, 0, 0, 0, 0, 0, -1, -1}, {0, 0, 0, 0, 0, 0, 0, -1}, {0, 0, 0, 0, 0, 0, 0, 0}};
+    const __m256 zero = _mm256_setzero_ps();
+    for (int i = 0; i < N; ++i) std::fill(sums[i] + g_lo, sums[i] + g_hi, T(0));
+    for (int64_t a = a0_; a < a1_; ++a) {
+      const Row r = row(a);
+      for (int64_t b = g_lo; b < g_hi; b += 8) {
+        std::array<__m256, N> prev, e, w_even, pair, quad;
+        for (int i = 0; i < N; ++i) prev[i] = e[i] = w_even[i] = pair[i] = quad[i] = zero;
+        for (int k = 0; k < 9; ++k) {
+          const auto terms = f(r, 9 * b + k * kVec, kVec);
+          const __m256 lane_is = _mm256_load_ps(reinterpret_cast<const float*>(kLaneIs[k]));
+          const __m256 lanes_from = _mm256_load_ps(reinterpret_cast<const float*>(kLanesFrom[k]));
+          for (int i = 0; i < N; ++i) {
+            const __m256 t = terms[i];
+            e[i] = _mm256_blendv_ps(e[i], t, lane_is);
+            const __m256 w = _mm256_blendv_ps(t, prev[i], lanes_from);  // w_{k-1}
+            prev[i] = t;
+            if (k == 0) continue;
+            if (k % 2 == 1) {
+              w_even[i] = w;
+              continue;
+            }
+            const __m256 h = _mm256_hadd_ps(w_even[i], w);
+            if (k % 4 == 2) {
+              pair[i] = h;
+              continue;
+            }
+            const __m256 q = _mm256_hadd_ps(pair[i], h);
+            if (k == 4) {
+              quad[i] = q;
+              continue;
+            }
+            const __m256 total = _mm256_add_ps(
+                _mm256_add_ps(_mm256_permute2f128_ps(quad[i], q, 0x20), _mm256_permute2f128_ps(quad[i], q, 0x31)), e[i]);
+            _mm256_storeu_ps(sums[i] + b, _mm256_add_ps(_mm256_loadu_ps(sums[i] + b), total));
+          }
+        }
+      }
+    }
   }
 #endif
 
