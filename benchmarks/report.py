@@ -298,7 +298,8 @@ def render(
         + "".join(f" {a}" for a in sys.argv[1:]) + "`; do not edit by hand.",
         "",
         f"* Device: {device} ({device_name(device)})"
-        + (f", `torch.get_num_threads() = {threads}`" if device == "cpu" else ""),
+        + (f", `torch.get_num_threads() = {threads}`, vector ISA {torch.backends.cpu.get_cpu_capability()} "
+           "(the cpu kernel's code path)" if device == "cpu" else ""),
         f"* torch {torch.__version__}, triton {triton_version}, Python {platform.python_version()}",
         f"* Date: {datetime.datetime.now().astimezone().isoformat(timespec='minutes')}",
         f"* Timing: median over {repeats} rounds after one warm-up round (the published baseline: "
@@ -321,12 +322,15 @@ def render(
     if shared_note:
         parts.append(
             "* **Measured on a shared VM**: what it gets moves with the host's load, from one "
-            "second to the next. Fused Adam alone takes 8 to 16 ms on the ResNet-50 set. In the "
-            "windows where it runs fastest (8 to 9 ms), streams that write speed up more than "
-            "streams that only read, such as the weighted prox's Newton passes: the weighted "
-            "step measured 1.8-1.9x Adam there (1.4-1.7x in the others), the `weighted-traffic` "
-            "row 1.7-1.8x (1.6-1.7x), and the group step 1.1-1.2x in both. Compare ratios within "
-            "one run, not times across runs."
+            "second to the next. Fused Adam alone takes 8 to 23 ms on the ResNet-50 set. In the "
+            "windows where it runs fastest (8 to 10 ms), streams that write speed up more than "
+            "streams that only read, such as the weighted prox's Newton passes. With AVX-512, the "
+            "weighted step measured 1.8-1.9x Adam there (1.4-1.7x in the others), the "
+            "`weighted-traffic` row 1.7-1.8x (1.6-1.7x), and the group step 1.1-1.2x in both. "
+            "The same VM is sometimes offered without AVX-512; with AVX2 the weighted step measured "
+            "2.1-2.2x in the fast windows (1.6-2.0x in the others), the `weighted-traffic` row "
+            "1.8-1.9x (1.6x), and the group step 1.1-1.25x. Compare ratios within one run, not "
+            "times across runs."
         )
     for backend, reason in skipped.items():
         parts.append(f"* Skipped backend `{backend}`: {reason}")

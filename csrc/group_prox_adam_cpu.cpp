@@ -35,7 +35,7 @@
 // * In-channel groups (A > 1) are strided (group b is a run of K elements in every row). Pass 1
 //   is the Adam update over whole rows, writing z into p and adding each lane's z^2 into per-lane
 //   sums one row long, reduced over each group's K lanes at the end (3x3 groups are summed in
-//   registers instead, with AVX-512: see Block::reduce); pass 2 rescales z in place,
+//   registers instead, with AVX-512 or AVX2: see Block::reduce); pass 2 rescales z in place,
 //   backwards, so that it starts with the lines pass 1 touched last, the likeliest to be still
 //   cached. It re-reads z from cache for small tensors and mostly from memory for large ones:
 //   up to 36 bytes per param.

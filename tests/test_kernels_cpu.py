@@ -29,7 +29,8 @@ HYPER = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, decou
 LAMBDAS = {"none": 8.0, "group": 8.0, "group_weighted": 1.0, "l1": 3.0}
 #: (name, shape): a 3x3 and a 1x1 conv, a Linear weight, a bias, an empty tensor, a channels-last
 #: conv and a transposed (non-contiguous) 2-D weight. The 3x3 conv's 20 input channels take both
-#: of the kernel's ways to sum 3x3 groups in pass 1 (16 in registers, 4 through per-lane sums).
+#: of the kernel's ways to sum 3x3 groups in pass 1 (16 in registers, in one chunk of 16 groups
+#: with AVX-512 or two of 8 with AVX2, and 4 through per-lane sums).
 SHAPES = (
     ("conv3x3", (16, 20, 3, 3)),
     ("conv1x1", (24, 16, 1, 1)),
