@@ -321,6 +321,27 @@ def test_weighted_prox_last_newton_update_lands_within_tolerance() -> None:
     assert error <= 1e-10, f"largest relative error of a group: {float(error):.2e}"
 
 
+@pytest.mark.parametrize("prox", ["group", "group_weighted"])
+def test_depthwise_conv_out_channel_groups_match_the_reference(prox: str) -> None:
+    """Out-channel groups of a depthwise 3x3 conv are nine contiguous lanes in one row, which pass 1
+    sums in registers (36 groups: chunks of 8 or 16, then per-lane sums for the last 4)."""
+    gen = torch.Generator().manual_seed(5)
+    scale = torch.empty(36, 1, 1, 1, dtype=torch.float64).uniform_(math.log(0.05), 0.0, generator=gen).exp()
+    p = torch.randn(36, 1, 3, 3, generator=gen, dtype=torch.float64) * scale
+    grads = [[0.1 * torch.randn(36, 1, 3, 3, generator=gen, dtype=torch.float64)] for _ in range(STEPS)]
+    # Groups of nine weights need a larger lambda_ than LAMBDAS' to zero some of them.
+    lambda_ = {"group": 100.0, "group_weighted": LAMBDAS["group_weighted"]}[prox]
+    kwargs = dict(HYPER, lambda_=lambda_, prox=prox, grouping="out_channel")
+    expected = run(reference.group_prox_adam, [p.float().double()], [[g.float().double() for g in gs] for gs in grads], **kwargs)
+    actual = run(cpu.group_prox_adam, [p.float()], [[g.float() for g in gs] for gs in grads], **kwargs)
+    for a, e in zip(actual, expected):
+        # The tolerances of test_float32_matches_float64_reference, for the same reasons.
+        torch.testing.assert_close(a[0].double(), e[0], rtol=5e-6, atol=5e-6 * float(e[0].abs().max()))
+    zeros = zero_pattern(actual[0][0], prox, "out_channel")
+    assert torch.equal(zeros, zero_pattern(expected[0][0], prox, "out_channel"))
+    assert zeros.any() and not zeros.all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_weighted_prox_zeroes_a_group_whose_z_is_not_finite(dtype: torch.dtype) -> None:
     """A group with a NaN in its z has a NaN ||D z||, which is not above tau: the reference
