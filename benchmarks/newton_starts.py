@@ -5,11 +5,12 @@ The ``"group_weighted"`` prox solves, per nonzero group, :math:`\\varphi(\\theta
 (:func:`lomt_kernels.reference.weighted_group_prox`). Each Newton update costs the fused kernel
 one pass over the group's z and d after Adam's pass, and on the ResNet-50 set most groups take
 two. A pass is saved only if the update that follows the first pass lands within the
-tolerance, so the start, computed from sums that Adam's pass can gather, decides it. This study
-takes, in float64, the set's z and d of the timed step and, for every conv kind, reports the
-share of the nonzero groups' weights whose first Newton update lands within
-``WEIGHTED_PROX_RTOL[float32]`` (an upper bound on what one pass can finish: the kernel must
-also prove it), from
+tolerance, so the start, computed from sums that Adam's pass can gather, and the update,
+computed from the sums of the pass, decide it. This study takes, in float64, the set's z and d
+of the timed step and, for every conv kind, reports the share of the nonzero groups' weights
+whose first update lands within ``WEIGHTED_PROX_RTOL[float32]`` (an upper bound on what one pass
+can finish: the kernel must also prove it, or check it in its last pass), for each update rule
+of :func:`lands_in_one_pass` (``newton``: two sums per pass; ``gauss``: four) from each start
 
 * ``newton0``: the kernel's start, the Newton step from 0 (two sums);
 * ``gauss_x``: the root of the two-point Gauss rule for the measure
@@ -36,8 +37,10 @@ from lomt_kernels.reference import WEIGHTED_PROX_RTOL
 from .params import LR, adam_z_and_d, build_set, set_names
 
 RTOL = WEIGHTED_PROX_RTOL[torch.float32]
-#: Newton updates that solve a start's two-point model (scalar work per group).
+#: Newton updates that solve a two-point model (scalar work per group).
 MODEL_ITERS = 40
+#: The updates a pass's sums can make (lands_in_one_pass).
+RULES = ("newton", "gauss")
 
 
 def gauss_two_point(m: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -86,18 +89,33 @@ def starts(z: Tensor, d: Tensor, tau: float) -> dict[str, Tensor]:
     return {name: torch.nan_to_num(theta, nan=0.0) for name, theta in out.items()}
 
 
-def lands_in_one_pass(z: Tensor, d: Tensor, tau: float, theta: Tensor) -> Tensor:
-    """Per row: does the Newton update from ``theta`` (one pass's sums) land within RTOL?"""
-    def sums(th: Tensor) -> tuple[Tensor, Tensor]:
+def lands_in_one_pass(z: Tensor, d: Tensor, tau: float, theta: Tensor, rule: str = "newton") -> Tensor:
+    """Per row: does the update from ``theta``, made from one pass's sums, land within RTOL?
+
+    The pass at ``theta`` gathers :math:`M_k = \\sum_j q_j^2 r_j^k` with
+    :math:`r_j = d_j / (\\theta d_j + \\tau)`, :math:`q_j = z_j r_j`, so that
+    :math:`\\varphi^{-2}(\\theta + \\delta) = \\sum_j q_j^2 / (1 + \\delta r_j)^2`. ``rule="newton"``
+    takes the kernel's Newton update (M_0, M_1); ``"gauss"`` the root of the two-point Gauss rule
+    for the measure :math:`\\sum_j q_j^2 \\delta(r - r_j)` (M_0..M_3).
+    """
+    def moments(th: Tensor, count: int) -> list[Tensor]:
         r = d / (th[:, None] * d + tau)
         q2 = (z * r) ** 2
-        return q2.sum(1), (q2 * r).sum(1)
+        return [(q2 * r**k).sum(1) for k in range(count)]
 
-    s1, s2 = sums(theta)
-    phi = s1.rsqrt()
-    step = (theta + (1 - phi) / (s2 * phi**3)).clamp(min=0)
+    m = moments(theta, 2 if rule == "newton" else 4)
+    phi = m[0].rsqrt()
+    delta = (1 - phi) / (m[1] * phi**3)
+    if rule == "gauss":
+        t1, t2, w1, w2 = gauss_two_point(m)
+        delta = torch.nan_to_num(newton_root(
+            lambda dl: w1 / (1 + dl * t1) ** 2 + w2 / (1 + dl * t2) ** 2,
+            lambda dl: -2 * w1 * t1 / (1 + dl * t1) ** 3 - 2 * w2 * t2 / (1 + dl * t2) ** 3,
+            delta, MODEL_ITERS,
+        ), nan=0.0)
+    step = (theta + delta).clamp(min=0)
     done_at_start = (1 - phi).abs() <= RTOL
-    return done_at_start | ((1 - sums(step)[0].rsqrt()).abs() <= RTOL)
+    return done_at_start | ((1 - moments(step, 1)[0].rsqrt()).abs() <= RTOL)
 
 
 def conv_kind(shape: torch.Size) -> str:
@@ -126,23 +144,32 @@ def study(set_name: str) -> str:
         if active.any():
             za, da = z[active], d[active]
             for name, theta in starts(za, da, tau).items():
-                row[name] += int(lands_in_one_pass(za, da, tau, theta).sum()) * n
-    names = ("newton0", "gauss_x", "gauss_a")
+                for rule in RULES:
+                    row[f"{name}, {rule}"] += int(lands_in_one_pass(za, da, tau, theta, rule).sum()) * n
+    names = [f"{name}, {rule}" for name in ("newton0", "gauss_x", "gauss_a") for rule in RULES]
     lines = [
         f"### {pset.description}",
         "",
         "| kind | tensors | groups (nonzero) | weights in nonzero groups | "
-        + " | ".join(f"one pass lands, {name}" for name in names) + " |",
+        + " | ".join(f"lands: {name}" for name in names) + " |",
         "|---|---:|---:|---:|" + "---:|" * len(names),
     ]
     for kind, row in sorted(rows.items(), key=lambda kv: -kv[1]["weights"]):
-        share = lambda key: f"{row[key] / row['active weights']:.3f}" if row["active weights"] else "-"  # noqa: E731
+        share = lambda key: _share(row[key], row["active weights"])  # noqa: E731
         lines.append(
             f"| {kind} | {int(row['tensors'])} | {int(row['groups'])} ({int(row['active'])}) | "
             f"{_count(row['active weights'])} of {_count(row['weights'])} | "
             + " | ".join(share(name) for name in names) + " |"
         )
     return "\n".join(lines)
+
+
+def _share(part: float, whole: float) -> str:
+    """part / whole, with the digits that show a remainder under 1%."""
+    if not whole:
+        return "-"
+    share = part / whole
+    return f"{share:.5f}" if 0.99 < share < 1 else f"{share:.3f}"
 
 
 def _count(n: float) -> str:

@@ -140,6 +140,18 @@ def test_newton_starts_every_start_is_exact_when_a_groups_weights_are_equal():
     assert not newton_starts.lands_in_one_pass(z, spread, tau, theta).any()
 
 
+def test_newton_starts_gauss_update_is_exact_when_a_group_has_two_weights():
+    # d takes two values per group, so each pass's measure has two atoms and the Gauss rule is
+    # exact: its update lands from a start far below the root, where a Newton update does not.
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(4, 64, generator=gen, dtype=torch.float64)
+    d = torch.where(torch.arange(64) % 2 == 0, 0.2, 5.0).to(torch.float64).expand(4, 64)
+    tau = 0.5
+    theta = 0.2 * newton_starts.starts(z, d, tau)["newton0"]
+    assert newton_starts.lands_in_one_pass(z, d, tau, theta, "gauss").all()
+    assert not newton_starts.lands_in_one_pass(z, d, tau, theta, "newton").any()
+
+
 def test_newton_starts_prints_a_row_per_conv_kind(capsys):
     assert newton_starts.main(["--sets", "small-convs"]) == 0
     table = capsys.readouterr().out
