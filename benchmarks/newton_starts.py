@@ -1,4 +1,4 @@
-"""``python -m benchmarks.newton_starts``: how many Newton passes the weighted prox needs, by start.
+"""``python -m benchmarks.newton_starts``: how many Newton passes the weighted prox needs, by start and update.
 
 The ``"group_weighted"`` prox solves, per nonzero group, :math:`\\varphi(\\theta) = 1` with
 :math:`\\varphi(\\theta) = (\\sum_j z_j^2 / (\\theta + a_j)^2)^{-1/2}` and :math:`a_j = \\tau / d_j`

@@ -332,7 +332,8 @@ def test_depthwise_conv_out_channel_groups_match_the_reference(prox: str) -> Non
     # Groups of nine weights need a larger lambda_ than LAMBDAS' to zero some of them.
     lambda_ = {"group": 100.0, "group_weighted": LAMBDAS["group_weighted"]}[prox]
     kwargs = dict(HYPER, lambda_=lambda_, prox=prox, grouping="out_channel")
-    expected = run(reference.group_prox_adam, [p.float().double()], [[g.float().double() for g in gs] for gs in grads], **kwargs)
+    grads64 = [[g.float().double() for g in gs] for gs in grads]  # the float32 problem, in float64
+    expected = run(reference.group_prox_adam, [p.float().double()], grads64, **kwargs)
     actual = run(cpu.group_prox_adam, [p.float()], [[g.float() for g in gs] for gs in grads], **kwargs)
     for a, e in zip(actual, expected):
         # The tolerances of test_float32_matches_float64_reference, for the same reasons.
