@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import math
 from collections import defaultdict
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -57,12 +56,16 @@ def gauss_two_point(m: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return t1, t2, m[0] - w2, w2
 
 
-def newton_root(h: Callable[[Tensor], Tensor], dh: Callable[[Tensor], Tensor], theta: Tensor, iters: int) -> Tensor:
-    """Newton's method on :math:`h^{-1/2} = 1` from ``theta`` (h decreasing in theta), clamped at 0."""
-    for _ in range(iters):
-        phi = h(theta).rsqrt()
-        theta = (theta + (1 - phi) / (-0.5 * phi**3 * dh(theta))).clamp(min=0)
-    return theta
+def two_point_root(t1: Tensor, t2: Tensor, w1: Tensor, w2: Tensor, theta: Tensor) -> Tensor:
+    """Per row, the root of :math:`h^{-1/2} = 1` for the two-point model
+    :math:`h = w_1/(1 + \\theta t_1)^2 + w_2/(1 + \\theta t_2)^2`, by Newton's method from
+    ``theta`` (h decreases in theta), clamped at 0; a degenerate rule (NaN) gives 0."""
+    for _ in range(MODEL_ITERS):
+        h = w1 / (1 + theta * t1) ** 2 + w2 / (1 + theta * t2) ** 2
+        dh = -2 * w1 * t1 / (1 + theta * t1) ** 3 - 2 * w2 * t2 / (1 + theta * t2) ** 3
+        phi = h.rsqrt()
+        theta = (theta + (1 - phi) / (-0.5 * phi**3 * dh)).clamp(min=0)
+    return torch.nan_to_num(theta, nan=0.0)
 
 
 def starts(z: Tensor, d: Tensor, tau: float) -> dict[str, Tensor]:
@@ -72,21 +75,14 @@ def starts(z: Tensor, d: Tensor, tau: float) -> dict[str, Tensor]:
     norm = mx[0].sqrt()
     # The kernel's closed-form step from 0, in units of tau (reference.weighted_group_prox).
     newton0 = mx[0] * (norm - 1) / mx[1]
-    out = {"newton0": newton0}
-    t1, t2, w1, w2 = gauss_two_point(mx)
-    out["gauss_x"] = newton_root(
-        lambda th: w1 / (1 + th * t1) ** 2 + w2 / (1 + th * t2) ** 2,
-        lambda th: -2 * w1 * t1 / (1 + th * t1) ** 3 - 2 * w2 * t2 / (1 + th * t2) ** 3,
-        newton0, MODEL_ITERS,
-    )
-    a = tau / d
-    u1, u2, v1, v2 = gauss_two_point([(c * a**k).sum(1) for k in range(4)])
-    out["gauss_a"] = newton_root(
-        lambda th: v1 / (th + u1) ** 2 + v2 / (th + u2) ** 2,
-        lambda th: -2 * v1 / (th + u1) ** 3 - 2 * v2 / (th + u2) ** 3,
-        newton0, MODEL_ITERS,
-    )
-    return {name: torch.nan_to_num(theta, nan=0.0) for name, theta in out.items()}
+    # For the measure sum_j z_j^2 delta(a - a_j), h = sum_j v / (theta + u)^2 over its nodes u:
+    # the same form with t = 1 / u and w = v / u^2.
+    u1, u2, v1, v2 = gauss_two_point([(c * (tau / d) ** k).sum(1) for k in range(4)])
+    return {
+        "newton0": newton0,
+        "gauss_x": two_point_root(*gauss_two_point(mx), newton0),
+        "gauss_a": two_point_root(1 / u1, 1 / u2, v1 / u1**2, v2 / u2**2, newton0),
+    }
 
 
 def lands_in_one_pass(z: Tensor, d: Tensor, tau: float, theta: Tensor, rule: str = "newton") -> Tensor:
@@ -107,12 +103,7 @@ def lands_in_one_pass(z: Tensor, d: Tensor, tau: float, theta: Tensor, rule: str
     phi = m[0].rsqrt()
     delta = (1 - phi) / (m[1] * phi**3)
     if rule == "gauss":
-        t1, t2, w1, w2 = gauss_two_point(m)
-        delta = torch.nan_to_num(newton_root(
-            lambda dl: w1 / (1 + dl * t1) ** 2 + w2 / (1 + dl * t2) ** 2,
-            lambda dl: -2 * w1 * t1 / (1 + dl * t1) ** 3 - 2 * w2 * t2 / (1 + dl * t2) ** 3,
-            delta, MODEL_ITERS,
-        ), nan=0.0)
+        delta = two_point_root(*gauss_two_point(m), delta)
     step = (theta + delta).clamp(min=0)
     done_at_start = (1 - phi).abs() <= RTOL
     return done_at_start | ((1 - moments(step, 1)[0].rsqrt()).abs() <= RTOL)
