@@ -199,7 +199,8 @@ class Method:
         for p, g in zip(self.params, pset.grads):
             p.grad = g
         self.prox_params = [p for p, m in zip(self.params, pset.prox_mask) if m]
-        fused_state_step = False
+        # FusedGroupProxAdam and fused Adam keep step counts on the params' device, foreach Adam on the CPU.
+        state_step_on_device = True
         if spec.kind == "fused":
             groups = [{"params": self.prox_params, "lambda_": self.lambda_, "prox": spec.prox}]
             rest = [p for p, m in zip(self.params, pset.prox_mask) if not m]
@@ -214,10 +215,10 @@ class Method:
                 self.params, lr=LR, betas=BETAS, eps=EPS,
                 fused=not foreach, foreach=True if foreach else None,
             )
-            fused_state_step = not foreach
+            state_step_on_device = not foreach
         for p, m, v in zip(self.params, pset.exp_avgs, pset.exp_avg_sqs):
             self.optimizer.state[p] = {
-                "step": torch.tensor(0.0, dtype=torch.float32, device=p.device if fused_state_step else "cpu"),
+                "step": torch.tensor(0.0, dtype=torch.float32, device=p.device if state_step_on_device else "cpu"),
                 "exp_avg": torch.empty_like(m),
                 "exp_avg_sq": torch.empty_like(v),
             }

@@ -1,14 +1,12 @@
-"""``python -m benchmarks.triton_tiles``: the Triton backend's kernel time under other tile plans.
+"""``python -m benchmarks.triton_tiles``: the Triton backend's kernel time under other work plans.
 
-The tile plan's constants (:mod:`lomt_kernels.kernels.triton_group_adam`: ``LINE_BYTES``,
-``TWO_PHASE_TILE``, ``ON_CHIP_MAX_TILE``) were picked with this on an H200
-(``benchmarks/RESULTS-h200.md``); it times the alternatives side by side on one GPU, so that
-checking them on another is a single call. For each
+The plan's constants (:mod:`lomt_kernels.kernels.triton_group_adam.plan`: ``ROW_BYTES``, the
+bytes of a slab's row; ``ITEM_ELEMENTS``, the elements of an item; ``PROGRAMS_PER_SM``, which
+sets how many items after a slab's last partial item its finishers come) are estimates until
+timed on a GPU; this times the alternatives side by side on one GPU, in a single call. For each
 variant and prox it takes one step from the set's warm state and reports the summed kernel time
 (:func:`benchmarks.device_time.kernel_times`, median of ``--repeats``), the launches, and the
 largest difference from the default plan's step (the same maths in another order: rounding only).
-With ``LINE_BYTES=0`` the plan is the one of that record's first call: every group that fits on
-chip takes one pass, whatever its rows.
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ import statistics
 
 import torch
 
-from lomt_kernels.kernels import triton_group_adam as triton_backend
+from lomt_kernels.kernels.triton_group_adam import launch, plan
 
 from .baselines import FLOOR, Method, fused_spec, max_abs_diff
 from .device_time import kernel_times
@@ -27,18 +25,19 @@ from .params import build_set, step_gbs
 
 #: The values tried for each plan constant (the module's own value is always among the variants).
 VARIANTS = {
-    "LINE_BYTES": (0, 128, 256, 512),
-    "TWO_PHASE_TILE": (512, 1024, 2048),
-    "ON_CHIP_MAX_TILE": (2048, 4096),
+    "ROW_BYTES": (128, 256, 512),
+    "ITEM_ELEMENTS": (1024, 2048),
+    "PROGRAMS_PER_SM": (1, 2, 4),
 }
 
 
 def run_variant(pset, prox: str, constants: dict[str, int], repeats: int) -> tuple[float, int, Method]:
     """Median kernel ms and launches of one step under ``constants``, and the stepped method."""
-    saved = {name: getattr(triton_backend, name) for name in constants}
+    saved = {name: getattr(plan, name) for name in constants}
+    launch._CACHE.clear()  # plans are cached per set of tensors
     try:
         for name, value in constants.items():
-            setattr(triton_backend, name, value)
+            setattr(plan, name, value)
         method = Method(fused_spec("triton", prox), pset)
         method.timed_step()  # compiles this plan's kernels
         runs = [kernel_times(method) for _ in range(repeats)]
@@ -46,7 +45,8 @@ def run_variant(pset, prox: str, constants: dict[str, int], repeats: int) -> tup
         method.step()  # the state compared against the default plan's
     finally:
         for name, value in saved.items():
-            setattr(triton_backend, name, value)
+            setattr(plan, name, value)
+        launch._CACHE.clear()
     return statistics.median(ms for ms, _ in runs), sum(n for _, n, _ in runs[-1][1]), method
 
 
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.set} on {torch.cuda.get_device_name()}: fused Adam's kernels {floor_ms:.3f} ms")
     print(f"| prox | {' | '.join(variants)} | kernel ms | × fused Adam | GB/s at 28 B/param | launches | max diff from default |")
     print("|---|" + "---:|" * (len(variants) + 5))
-    default = {name: getattr(triton_backend, name) for name in VARIANTS}
+    default = {name: getattr(plan, name) for name in VARIANTS}
     for prox in ("group", "group_weighted"):
         _, _, expected = run_variant(pset, prox, default, 1)
         for values in itertools.product(*variants.values()):

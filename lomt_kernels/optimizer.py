@@ -51,6 +51,11 @@ def _check_hyperparameters(
         raise ValueError(f"unknown backend={backend!r}: expected 'auto' or one of {backends.BACKENDS}")
 
 
+def _on(device: torch.device, t: Tensor | None) -> Tensor | None:
+    """``t`` on ``device`` (GradScaler keeps its scale on the device of the first grads it saw)."""
+    return None if t is None else t.to(device, non_blocking=True)
+
+
 class FusedGroupProxAdam(Optimizer):
     r"""Adam (or AdamW) followed by a proximal step for group sparsity, fused per tensor.
 
@@ -88,14 +93,16 @@ class FusedGroupProxAdam(Optimizer):
         maximize: ascend instead of descend.
         backend: ``"torch"`` (reference), ``"cpu"`` (fused C++), ``"triton"``, ``"cuda"`` or
             ``"auto"`` (fastest available for the params' device).
-        capturable: keep the step counts on the params' device and read ``lr`` there (it may
-            be a tensor), so that ``step()`` makes no host sync and can be captured in a CUDA
-            graph. Triton backend only; take one ordinary step before capturing.
+        capturable: insist that ``step()`` makes no host sync, so that it can be captured in a
+            CUDA graph: only the Triton backend guarantees it (its steps always are capturable
+            once one step with the same tensors has built the launch plan); any other backend
+            is then an error.
 
     The state dict has :class:`torch.optim.Adam`'s schema (``step``, ``exp_avg``,
-    ``exp_avg_sq``), so checkpoints load in either direction. With
-    :class:`torch.amp.GradScaler` the step unscales the gradients itself and is skipped when
-    the scaler found an inf or NaN. DTensor params (FSDP2's ``fully_shard``) are supported: see
+    ``exp_avg_sq``; each step count a float32 tensor on its param's device, as torch's fused
+    Adam keeps it), so checkpoints load in either direction. With :class:`torch.amp.GradScaler`
+    the step unscales the gradients itself and is skipped when the scaler found an inf or NaN
+    (on the device, for the Triton backend). DTensor params (FSDP2's ``fully_shard``) are supported: see
     :mod:`lomt_kernels.distributed`.
     """
 
@@ -141,8 +148,7 @@ class FusedGroupProxAdam(Optimizer):
             for p in group["params"]:
                 p_state = self.state.get(p, {})
                 if p_state:
-                    step = torch.as_tensor(p_state["step"], dtype=torch.float32)
-                    p_state["step"] = step.to(p.device if group["capturable"] else "cpu")
+                    p_state["step"] = torch.as_tensor(p_state["step"], dtype=torch.float32).to(p.device)
 
     def _init_group(
         self, group: dict[str, Any]
@@ -161,7 +167,7 @@ class FusedGroupProxAdam(Optimizer):
             state = self.state[p]
             dtensor = distributed.is_dtensor(p)
             if not state:
-                state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device if group["capturable"] else "cpu")
+                state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             elif dtensor:
@@ -188,21 +194,12 @@ class FusedGroupProxAdam(Optimizer):
         # Set by torch.amp.GradScaler (see _step_supports_amp_scaling).
         grad_scale: Tensor | None = getattr(self, "grad_scale", None)
         found_inf: Tensor | None = getattr(self, "found_inf", None)
-        if found_inf is not None:
-            if any(group["capturable"] for group in self.param_groups):
-                raise RuntimeError("capturable=True cannot skip inf steps without a host sync; use GradScaler without it")
-            if bool(found_inf):
-                return loss
-
         for group in self.param_groups:
             params, grads, exp_avgs, exp_avg_sqs, steps, sharded = self._init_group(group)
             if not params:
                 continue
             beta1, beta2 = group["betas"]
-            torch._foreach_add_(steps, 1)
-            capturable = group["capturable"]
             hyper = dict(
-                lr=group["lr"] if capturable else float(group["lr"]),
                 beta1=beta1,
                 beta2=beta2,
                 eps=group["eps"],
@@ -219,19 +216,27 @@ class FusedGroupProxAdam(Optimizer):
                     by_device.setdefault(p.device, []).append(i)
             for device, idx in by_device.items():
                 name, step_fn = backends.resolve(group["backend"], device)
-                if capturable and name != "triton":
+                tensors = [[ts[i] for i in idx] for ts in (params, grads, exp_avgs, exp_avg_sqs, steps)]
+                if name == "triton":
+                    # The kernel bumps the steps and reads lr, grad_scale and found_inf itself:
+                    # nothing here waits for the device.
+                    step_fn(*tensors, lr=group["lr"], **hyper, grad_scale=_on(device, grad_scale),
+                            found_inf=_on(device, found_inf), increment_steps=True)
+                    continue
+                if group["capturable"]:
                     raise RuntimeError(f"capturable=True needs the triton backend; this group resolved to {name!r}")
-                step_fn(
-                    *([tensors[i] for i in idx] for tensors in (params, grads, exp_avgs, exp_avg_sqs, steps)),
-                    **hyper,
-                    grad_scale=None if grad_scale is None else grad_scale.to(device),
-                    **({"capturable": True} if capturable else {}),
-                )
-            if sharded:
+                if found_inf is not None and bool(found_inf):
+                    continue
+                torch._foreach_add_(tensors[4], 1)
+                step_fn(*tensors, lr=float(group["lr"]), **hyper, grad_scale=_on(device, grad_scale))
+            if sharded and not (found_inf is not None and bool(found_inf)):
                 # DTensor params (FSDP2, tensor parallel): local shards, with cross-rank group norms.
+                sharded_steps = [steps[i] for i in sorted(sharded)]
+                torch._foreach_add_(sharded_steps, 1)
                 distributed.sharded_group_prox_adam(
                     *([tensors[i] for i in sorted(sharded)] for tensors in (params, grads, exp_avgs, exp_avg_sqs, steps)),
                     backend=group["backend"],
+                    lr=float(group["lr"]),
                     **hyper,
                     grad_scale=grad_scale,
                 )

@@ -29,6 +29,8 @@ moments and the step count are checked too.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import subprocess
 import sys
@@ -39,11 +41,12 @@ import torch
 
 from benchmarks.params import resnet50_conv_shapes
 from lomt_kernels import reference
-from lomt_kernels.grouping import as_groups, group_dim, group_layout
+from lomt_kernels.grouping import GroupLayout, as_groups, group_dim, group_layout
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 triton_backend = pytest.importorskip("lomt_kernels.kernels.triton_group_adam")
+from lomt_kernels.kernels.triton_group_adam import launch, plan  # noqa: E402
 
 DEVICE = torch.device("cpu" if triton_backend.INTERPRETED else "cuda")
 _REASON = triton_backend.unavailable_reason(DEVICE)
@@ -138,8 +141,9 @@ def zero_groups(t: torch.Tensor, grouping: str) -> torch.Tensor:
 def assert_close_to_reference(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
     """``actual`` (float32 or 16-bit) against the float64 ``expected``, with the module's tolerances."""
     atol = ATOL_SCALE * float(expected.abs().max()) if expected.numel() else 0.0
+    rtol = RTOL[actual.dtype]
     torch.testing.assert_close(
-        actual.double(), expected.to(actual.dtype).double(), rtol=RTOL[actual.dtype], atol=atol,
+        actual.double(), expected.to(actual.dtype).double(), rtol=rtol, atol=atol,
         msg=lambda message: f"{name}: {message}",
     )
 
@@ -238,53 +242,148 @@ def test_options(prox, options):
     run_options(triton_backend.group_prox_adam, prox, options, DEVICE)
 
 
+@pytest.fixture
+def small_items(monkeypatch):
+    """Items of 64 elements in rows of 32 bytes, so the test tensors' slabs take several items:
+    PARTIAL items, the reduction by the last of them and FINISH items, as large tensors do."""
+    monkeypatch.setattr(plan, "ITEM_ELEMENTS", 64)
+    monkeypatch.setattr(plan, "ROW_BYTES", 32)
+    launch._CACHE.clear()
+    yield
+    launch._CACHE.clear()
+
+
+def multi_item(p: torch.Tensor, grouping: str) -> bool:
+    """Whether one of ``p``'s slabs spans several items."""
+    layout = group_layout(p, grouping)
+    tile = plan.TileShape.for_itemsize(p.element_size())
+    return layout is not None and p.numel() > 0 and any(s.items(tile) > 1 for s in plan.tensor_slabs(0, layout, 1, True, tile))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("grouping", GROUPINGS)
 @pytest.mark.parametrize("prox", ["group", "group_weighted"])
-def test_two_phase_path(monkeypatch, prox, grouping):
-    """Groups too large for one tile: Adam + z + partial sums, then the (solve and) shrink."""
-    monkeypatch.setattr(triton_backend, "ON_CHIP_MAX_TILE", 16)
-    monkeypatch.setattr(triton_backend, "TWO_PHASE_TILE", 8)
-    layout = group_layout(torch.empty(SHAPES["conv3x3"][0]), grouping)
-    assert not triton_backend.plan_tiles(layout, prox, 4).one_pass
-    state = State(["conv3x3", "conv1x1", "linear", "conv3x3_channels_last"], grouping, torch.float32, DEVICE)
+def test_multi_item_slabs(small_items, prox, grouping, dtype):
+    """Slabs of several items: partial sums, their fixed-order reduction (and the weighted
+    prox's Newton passes over the slab), then the finishers; 16-bit params keep ``z`` in float32
+    scratch meanwhile, so the tolerances are those of the one-item path."""
+    names = ["conv3x3", "conv1x1", "linear", "conv3x3_channels_last", ((3, 37, 7, 7), "contiguous"),
+             ((70, 37), "contiguous")]
+    state = State(names, grouping, dtype, DEVICE)
+    assert any(multi_item(p, grouping) for p in state.params)
     masks = run_steps(triton_backend.group_prox_adam, state, **hyper(prox, grouping))
     assert_some_groups_zero_and_some_not(masks)
 
 
-@pytest.mark.parametrize("prox", ["group", "group_weighted"])
-def test_short_rows_take_two_phases_for_the_group_prox(monkeypatch, prox):
-    """A tall 1x1 conv whose one-pass tile would hold few groups, so short rows: the group prox
-    takes two phases with line-long rows instead; the weighted prox keeps its one pass. A
-    conv1x1 beside it keeps its one pass in the same call."""
-    monkeypatch.setattr(triton_backend, "ON_CHIP_MAX_TILE", 64)
-    monkeypatch.setattr(triton_backend, "TARGET_TILE", 64)
-    shape = (16, 40, 1, 1)
-    plan = triton_backend.plan_tiles(group_layout(torch.empty(shape), "in_channel"), prox, 4)
-    if prox == "group":
-        assert not plan.one_pass and plan.block_g * 4 == triton_backend.LINE_BYTES
-    else:
-        assert plan.one_pass and plan.block_g * 4 < triton_backend.LINE_BYTES
-    state = State([(shape, "contiguous"), "conv1x1"], "in_channel", torch.float32, DEVICE)
-    assert_some_groups_zero_and_some_not(run_steps(triton_backend.group_prox_adam, state, **hyper(prox, "in_channel")))
+#: Layouts the slab cutter treats differently: K = 1 (1x1 convs, channels-last), 9 and 49 with
+#: ragged A and B, a group wider than a row (K > block_c), and contiguous groups (A = 1).
+PLAN_LAYOUTS = [GroupLayout(37, 70, 1), GroupLayout(5, 13, 9), GroupLayout(3, 3, 49), GroupLayout(40, 2, 300),
+                GroupLayout(1, 5, 1000), GroupLayout(1, 1, 333), GroupLayout(2048, 512, 1)]
 
 
-def test_group_prox_tiles_read_long_rows_at_resnet50_sizes():
-    """Every group-prox tile of the ResNet-50 convs reads rows of ``LINE_BYTES`` or more (or
-    whole rows), in one pass or two."""
+@pytest.mark.parametrize("itemsize", [4, 2])
+def test_plan_covers_every_element_once(itemsize):
+    """Every element is in exactly one Adam item (ELEMENTWISE, FUSED or PARTIAL), every PARTIAL
+    item has a FINISH item over the same elements, and a slab's finishers come after all its
+    PARTIAL items in ticket order (the order the interpreter, and a GPU's tickets, run them in)."""
+    tile = plan.TileShape.for_itemsize(itemsize)
+    grouped = [layout.outer > 1 or layout.groups > 1 for layout in PLAN_LAYOUTS]
+    work = plan.build_plan(PLAN_LAYOUTS, [1 if g else 0 for g in grouped], grouped, tile, lag=5, sums=2)
+    seen = [torch.zeros(math.prod(layout), dtype=torch.int64) for layout in PLAN_LAYOUTS]
+    unfinished = [torch.zeros(math.prod(layout), dtype=torch.int64) for layout in PLAN_LAYOUTS]
+    last_partial: dict[int, int] = {}
+    for ticket, item in enumerate(work.items):
+        slab = work.slabs[item.slab]
+        offsets = torch.tensor(plan.element_offsets(slab, item, tile), dtype=torch.int64)
+        assert len(offsets) == plan.item_elements(slab, item, tile) > 0
+        if item.kind == plan.ItemKind.FINISH:
+            assert last_partial[item.slab] < ticket
+            unfinished[slab.tensor][offsets] -= 1
+        else:
+            seen[slab.tensor][offsets] += 1
+            if item.kind == plan.ItemKind.PARTIAL:
+                last_partial[item.slab] = ticket
+                unfinished[slab.tensor][offsets] += 1
+    for layout, count, left in zip(PLAN_LAYOUTS, seen, unfinished):
+        assert bool((count == 1).all()) and bool((left == 0).all()), layout
+
+
+def test_resnet50_1x1_slabs_are_256_byte_vectorised_rows():
+    """Every K = 1 slab of the ResNet-50 convs reads rows of 256 bytes that vectorise."""
+    tile = plan.TileShape.for_itemsize(4)
     for shape in resnet50_conv_shapes():
-        A, B, K = layout = group_layout(torch.empty(shape, device="meta"), "in_channel")
-        plan = triton_backend.plan_tiles(layout, "group", 4)
-        assert min(plan.block_g, B) * K * 4 >= min(triton_backend.LINE_BYTES, B * K * 4), (shape, plan)
+        layout = group_layout(torch.empty(shape, device="meta"), "in_channel")
+        if layout.inner == 1:
+            for slab in plan.tensor_slabs(0, layout, 1, True, tile):
+                assert slab.width * 4 == plan.ROW_BYTES and plan.geometry_is_vectorisable(slab, tile), (shape, slab)
 
 
-def test_capturable_matches_host_scalars():
-    """``capturable=True`` (lr and steps read on the device) gives the same bits."""
+@pytest.mark.parametrize("prox", PROXES)
+def test_one_launch_per_step_and_nothing_rebuilt(prox):
+    """Weights and biases, plain-Adam tensors included: one launch a step; the plan is built
+    once; new gradients (as ``zero_grad(set_to_none=True)`` makes) only rewrite their column of
+    the table, and the same gradients nothing."""
+    state = State(["conv3x3", "bias", "conv1x1", "linear"] * 3, "in_channel", torch.float32, DEVICE)
+    before = dict(triton_backend.COUNTS)
+    run_steps(triton_backend.group_prox_adam, state, steps=3, **hyper(prox, "in_channel"))
+    counts = {key: triton_backend.COUNTS[key] - before.get(key, 0) for key in ("launches", "builds", "grad_refreshes")}
+    assert counts == {"launches": 3, "builds": 1, "grad_refreshes": 3}
+    for s in state.steps:
+        s += 1
+    check_step(triton_backend.group_prox_adam, state, **hyper(prox, "in_channel"))
+    assert triton_backend.COUNTS["grad_refreshes"] - before.get("grad_refreshes", 0) == 3
+
+
+@pytest.mark.parametrize("prox", ["group", "group_weighted", "l1"])
+def test_steps_counted_in_the_kernel(small_items, prox):
+    """``increment_steps``: the kernel adds one to each step count (passed before the step) and
+    updates as the reference does with the incremented counts."""
+    state = State(["conv3x3", "bias", "linear"], "in_channel", torch.float32, DEVICE)
+    state.steps[1] += 4  # per-tensor counts differ
+
+    def counted(params, grads, exp_avgs, exp_avg_sqs, steps, **kwargs):
+        for s in steps:
+            s -= 1
+        triton_backend.group_prox_adam(params, grads, exp_avgs, exp_avg_sqs, steps, increment_steps=True, **kwargs)
+
+    run_steps(counted, state, **hyper(prox, "in_channel"))
+    assert [float(s) for s in state.steps] == [10.0 + STEPS, 14.0 + STEPS, 10.0 + STEPS]
+
+
+@pytest.mark.parametrize("found", [0.0, 1.0])
+def test_found_inf_skips_the_step_on_the_device(small_items, found):
+    """GradScaler's ``found_inf``: a nonzero one leaves params, moments and step counts as they
+    were; zero changes nothing in the step."""
+    state = State(["conv3x3", "bias", "conv1x1"], "in_channel", torch.float32, DEVICE)
+    state.new_grads()
+    before = [[t.clone() for t in ts] for ts in state.tensors()]
+    kwargs = hyper("group_weighted", "in_channel")
+    triton_backend.group_prox_adam(*state.tensors(), **kwargs, found_inf=torch.tensor(found, device=DEVICE),
+                                   increment_steps=True)
+    unchanged = all(torch.equal(a, b) for ts, bs in zip(state.tensors(), before) for a, b in zip(ts, bs))
+    assert unchanged == bool(found)
+    if not found:
+        expected = [[t.double() for t in ts] for ts in before[:4]]
+        reference.group_prox_adam(*expected, [s + 1 for s in before[4]], **kwargs)
+        for i, (ours, theirs) in enumerate(zip(state.params, expected[0])):
+            assert_close_to_reference(ours, theirs, f"tensor {i} p")
+
+
+def test_repeats_are_bit_identical(small_items):
+    """The partial sums are added in a fixed order: two runs from one state agree to the bit."""
+    results = []
+    for _ in range(2):
+        state = State(["conv3x3", "conv1x1", "linear"], "in_channel", torch.float32, DEVICE, seed=3)
+        run_steps(triton_backend.group_prox_adam, state, **hyper("group_weighted", "in_channel"))
+        results.append(state.params)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_lr_tensor_matches_host_scalars():
+    """``lr`` as a 0-d tensor on the device (read by the kernel) gives the same bits as a float."""
     kwargs = hyper("group_weighted", "in_channel", weight_decay=0.1, decoupled_weight_decay=True)
     names = ["conv3x3", "linear", "bias"]
     host, on_device = (State(names, "in_channel", torch.float32, DEVICE) for _ in range(2))
-    on_device.steps = [s.to(DEVICE) for s in on_device.steps]
-    for state in (host, on_device):
-        state.steps[1] += 5  # per-tensor steps differ
     lr = torch.tensor(kwargs.pop("lr"), device=DEVICE)
     for _ in range(STEPS):
         for state in (host, on_device):
@@ -296,21 +395,6 @@ def test_capturable_matches_host_scalars():
         for name in ("params", "exp_avgs", "exp_avg_sqs"):
             for ours, theirs in zip(getattr(host, name), getattr(on_device, name)):
                 assert torch.equal(ours, theirs), name
-
-
-def test_one_launch_per_tile_plan(monkeypatch):
-    """Ten same-shaped weights and their biases: two launches (one per tile plan), not twenty."""
-    launches = []
-    launch = triton_backend._launch
-
-    def counting_launch(bucket, works, *args, **kwargs):
-        launches.append(len(works))
-        launch(bucket, works, *args, **kwargs)
-
-    monkeypatch.setattr(triton_backend, "_launch", counting_launch)
-    state = State(["conv3x3", "bias"] * 10, "in_channel", torch.float32, DEVICE)
-    run_steps(triton_backend.group_prox_adam, state, steps=1, **hyper("group", "in_channel"))
-    assert sorted(launches) == [10, 10]
 
 
 def test_float64_takes_the_reference_path():
@@ -341,41 +425,107 @@ def test_torch_compile_sees_one_custom_op():
         assert torch.equal(a, b)
 
 
-def test_kernels_compile_for_gpus():
-    """The real compiler (stricter than the interpreter) builds every variant for sm_80 and sm_90."""
+_PTX_CHECK = """
+import json, re, sys
+from lomt_kernels.kernels import triton_group_adam as backend
+arch = int(sys.argv[1])
+out = {}
+for name, kernel in backend.compile_kernels(arch).items():
+    ptx = kernel.asm["ptx"]
+    out[name] = dict(backend.ptxas_report(ptx, arch), loads=sorted(set(re.findall(r"ld\\.global[.\\w]*", ptx))),
+                     stores=sorted(set(re.findall(r"st\\.global[.\\w]*", ptx))))
+print(json.dumps(out))
+"""
+
+
+def test_kernel_compiles_for_gpus_without_spills_and_with_vector_loads():
+    """The real compiler (stricter than the interpreter) builds the kernel for sm_80 and sm_90, for
+    float32 and bfloat16 params, with every option off and on. ptxas reports no spills; the PTX
+    has vector loads and stores of a thread's four elements (the aligned items: K = 1 slabs,
+    elementwise tensors), L2-only ``.cg`` vector loads of the waiting float32 ``z`` (what the
+    finishers and the reduction read from other programs) and an acquire load (the finishers'
+    wait)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    builds = [
-        subprocess.Popen(
-            [sys.executable, "-m", triton_backend.__name__, "--compile-only", "--arch", arch],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
+    builds = {
+        arch: subprocess.Popen([sys.executable, "-c", _PTX_CHECK, arch], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
         for arch in ("80", "90")
-    ]
-    for build in builds:
-        out, err = build.communicate(timeout=300)
+    }
+    for arch, build in builds.items():
+        out, err = build.communicate(timeout=600)
         assert build.returncode == 0, err[-3000:]
-        assert "compiled" in out
+        variants = json.loads(out)
+        assert len(variants) == 4
+        for name, report in variants.items():
+            assert report["spill_stores"] == report["spill_loads"] == 0, (arch, name, report)
+            # float32: four elements a thread in one 16-byte access; bfloat16: four in 8 bytes.
+            vector = ".v4.b32" if name.startswith("float32") else ".v2.b32"
+            assert f"ld.global{vector}" in report["loads"] and f"st.global{vector}" in report["stores"], (arch, name, report)
+            assert "ld.global.cg.v4.b32" in report["loads"], (arch, name, report["loads"])  # float32 z
+            assert any(".acquire" in load for load in report["loads"]), (arch, name, report["loads"])
 
 
 @cuda_only
 @pytest.mark.parametrize("prox", ["group", "group_weighted"])
-def test_cuda_two_phase_at_real_sizes(prox):
-    """Groups bigger than ON_CHIP_MAX_TILE without patching: a tall Linear grouped by input
-    (strided, K = 1) and a wide one grouped by output (contiguous rows)."""
+def test_multi_item_slabs_at_real_sizes(prox):
+    """Groups over many items without patching: a tall Linear grouped by input (K = 1, 6,000
+    rows) and a wide one grouped by output (contiguous groups of 6,000)."""
     for grouping, shape in (("in_channel", (6000, 24)), ("out_channel", (12, 6000))):
-        layout = group_layout(torch.empty(shape), grouping)
-        assert not triton_backend.plan_tiles(layout, prox, 4).one_pass
+        assert multi_item(torch.empty(shape), grouping)
         state = State([(shape, "contiguous")], grouping, torch.float32, DEVICE)
+        state.steps = [s.to(DEVICE) for s in state.steps]
         masks = run_steps(triton_backend.group_prox_adam, state, **hyper(prox, grouping))
         assert_some_groups_zero_and_some_not(masks)
 
 
+@cuda_only
+@pytest.mark.parametrize("prox", PROXES)
+def test_steady_state_step_never_syncs(prox):
+    """``FusedGroupProxAdam.step`` after the first step, with fresh gradients each step and a
+    GradScaler-style ``grad_scale``/``found_inf``: no host sync (torch raises on one)."""
+    from lomt_kernels import FusedGroupProxAdam
+
+    shapes = [(64, 32, 3, 3), (256, 64, 1, 1), (64,), (10, 64)]
+    params = [torch.nn.Parameter(torch.randn(shape, device=DEVICE)) for shape in shapes]
+    opt = FusedGroupProxAdam(params, lr=torch.tensor(1e-3, device=DEVICE), lambda_=1e-3, prox=prox, backend="triton")
+    opt.grad_scale = torch.tensor(4.0, device=DEVICE)
+    opt.found_inf = torch.tensor(0.0, device=DEVICE)
+    for step in range(4):
+        opt.zero_grad(set_to_none=True)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        if step > 0:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert all(float(opt.state[p]["step"]) == 4 for p in params)
+
+
+@cuda_only
+@pytest.mark.parametrize("prox", ["group", "group_weighted"])
+def test_ten_repeats_at_real_sizes_are_bit_identical(prox):
+    """The ResNet-50 conv shapes, one step from one state ten times: the same bits each time
+    (a race between items, or float atomics, would show as differences)."""
+    shapes = sorted(set(resnet50_conv_shapes()))
+    results = []
+    for _ in range(10):
+        state = State([(shape, "contiguous") for shape in shapes], "in_channel", torch.float32, DEVICE, seed=1)
+        state.steps = [s.to(DEVICE) for s in state.steps]
+        state.new_grads()
+        triton_backend.group_prox_adam(*state.tensors(), **hyper(prox, "in_channel"), increment_steps=True)
+        results.append(torch.cat([p.flatten() for p in state.params]))
+    assert all(torch.equal(results[0], r) for r in results[1:])
+
+
 def run_resnet50_shapes(step_fn: Callable[..., None], prox: str, device: torch.device) -> None:
     """:func:`run_steps` on each distinct conv weight shape of the benchmarks' dilated ResNet-50,
-    in one call: the tile plans and launch configurations of real sizes, which the small
-    shapes of the other tests never reach (groups of up to 4,608 elements, 2,048-row tiles)."""
+    in one call: slabs of up to 128 items and groups of up to 4,608 elements, which the small
+    shapes of the other tests reach only with patched plan constants."""
     shapes = sorted(set(resnet50_conv_shapes()))
     state = State([(shape, "contiguous") for shape in shapes], "in_channel", torch.float32, device)
+    state.steps = [s.to(device) for s in state.steps]
     assert_some_groups_zero_and_some_not(run_steps(step_fn, state, **hyper(prox, "in_channel")))
 
 
@@ -388,8 +538,8 @@ def test_resnet50_conv_shapes(prox):
 @cuda_only
 @pytest.mark.parametrize("prox", ["group", "group_weighted"])
 def test_cuda_graph_capture(prox):
-    """``capturable=True``: one step captured in a CUDA graph (with the step increment), then
-    replayed with new gradients and a new lr written into the same tensors."""
+    """One step captured in a CUDA graph (the kernel bumps the step counts), then replayed with
+    new gradients and a new lr written into the same tensors."""
     names = ["conv3x3", "conv1x1", "linear", "bias"]
     state = State(names, "in_channel", torch.float32, DEVICE)
     state.steps = [s.to(DEVICE) for s in state.steps]
@@ -398,13 +548,12 @@ def test_cuda_graph_capture(prox):
     kwargs = hyper(prox, "in_channel", lr=lr, capturable=True)
 
     def step(params, grads, exp_avgs, exp_avg_sqs, steps, **kwargs):
-        torch._foreach_add_(steps, 1)
-        triton_backend.group_prox_adam(params, grads, exp_avgs, exp_avg_sqs, steps, **kwargs)
+        triton_backend.group_prox_adam(params, grads, exp_avgs, exp_avg_sqs, steps, increment_steps=True, **kwargs)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        check_step(step, state, **kwargs)  # warm-up: compiles and builds the pointer tables
+        check_step(step, state, **kwargs)  # warm-up: compiles and builds the launch plan
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
