@@ -260,7 +260,7 @@ def multi_item(p: torch.Tensor, grouping: str) -> bool:
     return layout is not None and p.numel() > 0 and any(s.items(tile) > 1 for s in plan.tensor_slabs(0, layout, 1, True, tile))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("grouping", GROUPINGS)
 @pytest.mark.parametrize("prox", ["group", "group_weighted"])
 def test_multi_item_slabs(small_items, prox, grouping, dtype):

@@ -21,7 +21,6 @@ import torch
 import triton
 from torch import Tensor
 
-from ..prepare import float64_on_reference
 from . import kernel, launch
 from .launch import COUNTS, INTERPRETED
 from .plan import TileShape
@@ -88,28 +87,12 @@ def group_prox_adam(
 def _step(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, grad_scale, found_inf, increment_steps, **hyper) -> None:
     if not params:
         return
-    device = params[0].device
-    if isinstance(lr, Tensor) and lr.device != device:
+    if isinstance(lr, Tensor) and lr.device != params[0].device:
         lr = float(lr)  # a CPU tensor: reading it does not wait for the device
-    wide = [i for i, p in enumerate(params) if p.dtype == torch.float64]
-    if wide:
-        _float64_step([[ts[i] for i in wide] for ts in (params, grads, exp_avgs, exp_avg_sqs, state_steps)],
-                      lr, grad_scale, found_inf, increment_steps, hyper)
-        keep = [i for i in range(len(params)) if params[i].dtype != torch.float64]
-        params, grads, exp_avgs, exp_avg_sqs, state_steps = ([ts[i] for i in keep] for ts in (params, grads, exp_avgs, exp_avg_sqs, state_steps))
-    if params:
-        launch.step(
-            params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=lr, grad_scale=grad_scale,
-            found_inf=found_inf, increment_step=increment_steps, **hyper,
-        )
-
-
-def _float64_step(tensors: list[list[Tensor]], lr, grad_scale, found_inf, increment_steps: bool, hyper: dict) -> None:
-    if found_inf is not None and bool(found_inf):
-        return
-    if increment_steps:
-        torch._foreach_add_(tensors[4], 1)
-    float64_on_reference(*tensors, lr=float(lr) if isinstance(lr, Tensor) else lr, grad_scale=grad_scale, **hyper)
+    launch.step(
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=lr, grad_scale=grad_scale,
+        found_inf=found_inf, increment_step=increment_steps, **hyper,
+    )
 
 
 @torch.library.custom_op("lomt::triton_group_prox_adam_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "state_steps"))

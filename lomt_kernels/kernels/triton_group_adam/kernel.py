@@ -226,7 +226,7 @@ def _adam(
         grad = -grad
     if DECOUPLED:
         x = x * (1 - lr * weight_decay)
-    else:
+    elif weight_decay != 0:  # as the reference: 0 * inf would make an inf param's moments NaN
         grad = grad + weight_decay * x
     m1 = m1 + beta1c * (grad - m1)  # torch.lerp(m, g, 1 - beta1) for 1 - beta1 < 0.5
     v1 = v1 * beta2 + beta2c * grad * grad

@@ -103,7 +103,9 @@ class Launch:
                 rows[t][k.T_Z.value], rows[t][k.T_D.value] = waiting, waiting + size
                 waiting += size * (2 if hyper.prox == "group_weighted" else 1)
         self.z_anchor = torch.empty(max(16, waiting), dtype=torch.float32, device=device)
-        self.data_aligned = [all(row[c] % self.tile.vec == 0 for c in (k.T_P.value, k.T_M.value, k.T_V.value)) for row in rows]
+        self.data_aligned = torch.tensor(
+            [all(row[c] % self.tile.vec == 0 for c in (k.T_P.value, k.T_M.value, k.T_V.value)) for row in rows]
+        )
         self.tensor_host = torch.tensor(rows, dtype=torch.int64)
         if device.type == "cuda":
             self.tensor_host = self.tensor_host.pin_memory()
@@ -124,9 +126,10 @@ class Launch:
     def accepts(self, grads: list[Tensor], ptrs: list[int]) -> bool:
         """Whether ``grads`` (at ``ptrs``) can be read where they are: the known ones, or new ones
         of the expected dtype with their params' strides."""
-        return ptrs == self.grad_ptrs or all(
-            g.dtype == self.g_anchor.dtype and g.stride() == stride for g, stride in zip(grads, self.strides)
-        )
+        if ptrs == self.grad_ptrs:
+            return True
+        dtype = self.g_anchor.dtype
+        return [g.stride() for g in grads] == self.strides and all([g.dtype == dtype for g in grads])
 
     def set_grads(self, grads: list[Tensor], ptrs: list[int]) -> None:
         """Point the tensor table at ``grads`` (whose data pointers are ``ptrs``)."""
@@ -137,12 +140,14 @@ class Launch:
                 "the triton backend rewrites its table when the gradients move; run one step with the "
                 "gradients the CUDA graph will read before capturing it"
             )
-        offsets = [_offset(g, self.g_anchor) for g in grads]
+        delta = torch.tensor(ptrs, dtype=torch.int64) - self.g_anchor.data_ptr()
+        itemsize = self.g_anchor.element_size()
+        if bool((delta % itemsize).any()):
+            raise ValueError(f"a gradient is not aligned to its {itemsize}-byte elements")
+        offsets = delta // itemsize
         host = self._staging_buffer()
-        host[:, k.T_G.value] = torch.tensor(offsets, dtype=torch.int64)
-        host[:, k.T_ALIGNED.value] = torch.tensor(
-            [int(a and off % self.g_vec == 0) for a, off in zip(self.data_aligned, offsets)], dtype=torch.int64
-        )
+        host[:, k.T_G.value] = offsets
+        host[:, k.T_ALIGNED.value] = (self.data_aligned & (offsets % self.g_vec == 0)).long()
         self.tensors.copy_(host, non_blocking=True)
         if self.device.type == "cuda":
             event = torch.cuda.Event()
@@ -221,6 +226,7 @@ def _in_place(p: Tensor, g: Tensor, m: Tensor, v: Tensor) -> bool:
 class _Launches(NamedTuple):
     in_place: list[Launch]
     copied: list[int]  # tensors that take dense copies (see _step_copies)
+    wide: list[int]  # float64 tensors, stepped by the reference (see _step_float64)
 
 
 def step(
@@ -251,15 +257,22 @@ def step(
         launch.run(**run)
     if launches.copied:
         _step_copies(params, grads, exp_avgs, exp_avg_sqs, state_steps, launches.copied, hyper, run)
+    if launches.wide:
+        _step_float64([[ts[i] for i in launches.wide] for ts in (params, grads, exp_avgs, exp_avg_sqs, state_steps)],
+                      hyper, run)
 
 
 def _groups_of(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-               hyper: Hyper) -> tuple[dict[tuple, list[int]], list[int]]:
-    """The indices of the tensors that launch in place, by ``(p dtype, g dtype)``, and the rest."""
+               hyper: Hyper) -> tuple[dict[tuple, list[int]], list[int], list[int]]:
+    """The indices of the tensors that launch in place, by ``(p dtype, g dtype)``; of those that
+    take dense copies; and of the float64 ones."""
     groups: dict[tuple, list[int]] = {}
-    copied = []
+    copied, wide = [], []
     for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
         if p.numel() == 0:
+            continue
+        if p.dtype == torch.float64:
+            wide.append(i)
             continue
         if p.dtype not in HALF_AND_FLOAT or m.dtype != p.dtype or v.dtype != p.dtype:
             raise TypeError(
@@ -270,7 +283,7 @@ def _groups_of(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor]
             groups.setdefault((p.dtype, g.dtype), []).append(i)
         else:
             copied.append(i)
-    return groups, copied
+    return groups, copied, wide
 
 
 def _build(params, grads, exp_avgs, exp_avg_sqs, steps, hyper: Hyper) -> _Launches:
@@ -279,14 +292,14 @@ def _build(params, grads, exp_avgs, exp_avg_sqs, steps, hyper: Hyper) -> _Launch
             "the triton backend builds its launch plan on the first step with a given set of tensors; "
             "run one step before capturing the CUDA graph (the usual warm-up)"
         )
-    groups, copied = _groups_of(params, grads, exp_avgs, exp_avg_sqs, hyper)
+    groups, copied, wide = _groups_of(params, grads, exp_avgs, exp_avg_sqs, hyper)
     in_place = []
     for (_, g_dtype), index in groups.items():
         entries = []
         for i in index:
             entries.append((params[i], exp_avgs[i], exp_avg_sqs[i], steps[i], *tensor_prox(params[i], hyper)))
         in_place.append(Launch(index, entries, g_dtype, hyper))
-    return _Launches(in_place, copied)
+    return _Launches(in_place, copied, wide)
 
 
 def _step_copies(params, grads, exp_avgs, exp_avg_sqs, steps, index: list[int], hyper: Hyper, run: dict) -> None:
@@ -304,3 +317,21 @@ def _step_copies(params, grads, exp_avgs, exp_avg_sqs, steps, index: list[int], 
         launch.set_grads(g, list(map(Tensor.data_ptr, g)))
         launch.run(**run)
     write_back(chosen[0], chosen[2], chosen[3], works)
+
+
+def _step_float64(tensors: list[list[Tensor]], hyper: Hyper, run: dict) -> None:
+    """float64 params on :func:`lomt_kernels.reference.group_prox_adam` (the kernel computes in
+    float32, which would lose their precision); this reads ``lr``, ``found_inf`` and the steps on
+    the host."""
+    found_inf = run["found_inf"]
+    if found_inf is not None and bool(found_inf):
+        return
+    if run["increment_step"]:
+        torch._foreach_add_(tensors[4], 1)
+    lr = run["lr"]
+    reference.group_prox_adam(
+        *tensors, lr=float(lr) if isinstance(lr, Tensor) else lr, beta1=hyper.beta1, beta2=hyper.beta2,
+        eps=run["eps"], weight_decay=run["weight_decay"], decoupled_weight_decay=run["decoupled_weight_decay"],
+        maximize=run["maximize"], lambda_=run["lambda_"], prox=hyper.prox, grouping=hyper.grouping,
+        grad_scale=run["grad_scale"],
+    )
