@@ -29,6 +29,7 @@ moments and the step count are checked too.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -395,6 +396,59 @@ def test_lr_tensor_matches_host_scalars():
         for name in ("params", "exp_avgs", "exp_avg_sqs"):
             for ours, theirs in zip(getattr(host, name), getattr(on_device, name)):
                 assert torch.equal(ours, theirs), name
+
+
+def test_optimizer_on_the_triton_backend(small_items):
+    """``FusedGroupProxAdam(backend="triton")`` on a small float32 net with two param groups (the
+    prox on the convs, plain Adam elsewhere: one launch each), under ``GradScaler``: the kernel
+    counts the steps, a step with an inf gradient is skipped on the device, and a state dict
+    saved midway resumes; params as the reference backend gives them, within the parity bounds."""
+    from lomt_kernels import FusedGroupProxAdam
+
+    def net():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 1),
+                                   torch.nn.Flatten(), torch.nn.Linear(16 * 4, 5))
+
+    def optimizer(model, backend):
+        convs = [p for p in model.parameters() if p.dim() == 4]
+        rest = [p for p in model.parameters() if p.dim() != 4]
+        return FusedGroupProxAdam([{"params": convs, "lambda_": 2.0, "prox": "group_weighted"}, {"params": rest}],
+                                  lr=5e-2, backend=backend)
+
+    def train(model, opt, scaler, seeds):
+        for seed in seeds:
+            x = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(seed))
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(model(x).square().mean()).backward()
+            if seed == 2:
+                model[0].weight.grad[0, 0, 0, 0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+
+    models = {backend: net() for backend in ("triton", "torch")}
+    opts = {backend: optimizer(model, backend) for backend, model in models.items()}
+    scalers = {backend: torch.amp.GradScaler("cpu", init_scale=256.0) for backend in models}
+    for backend in models:
+        train(models[backend], opts[backend], scalers[backend], [1, 2, 3])
+    saved = (copy.deepcopy(models["triton"].state_dict()), copy.deepcopy(opts["triton"].state_dict()))
+    resumed = net()
+    resumed.load_state_dict(saved[0])
+    opts["resumed"] = optimizer(resumed, "triton")
+    opts["resumed"].load_state_dict(saved[1])
+    models["resumed"], scalers["resumed"] = resumed, torch.amp.GradScaler("cpu", init_scale=scalers["triton"].get_scale())
+    for backend in models:
+        train(models[backend], opts[backend], scalers[backend], [4, 5])
+    for name, (ours, theirs) in enumerate(zip(models["triton"].parameters(), models["torch"].parameters())):
+        assert_close_to_reference(ours.detach(), theirs.detach().double(), f"param {name}")
+        assert float(opts["triton"].state[ours]["step"]) == 4  # the inf step was skipped
+    for ours, again in zip(models["triton"].parameters(), models["resumed"].parameters()):
+        assert torch.equal(ours, again)
+    assert group_sparsity_of(models["triton"][0].weight) > 0
+
+
+def group_sparsity_of(weight: torch.Tensor) -> float:
+    return float(zero_groups(weight.detach(), "in_channel").float().mean())
 
 
 def test_float64_takes_the_reference_path():
