@@ -123,7 +123,8 @@ def group_prox_adam(
     )
     if not works:
         return
-    steps = [float(state_steps[i]) for i in works]
+    # The step counts live on the device (as torch's fused Adam keeps them): one read for all.
+    steps = torch.stack([state_steps[i] for i in works]).tolist()
     build().group_prox_adam(
         [w.p for w in works.values()],
         [w.g for w in works.values()],
