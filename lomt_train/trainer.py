@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -199,13 +199,14 @@ class Objective(nn.Module):
 
 def train_step(
     objective: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-    batch: dict[str, Tensor], autocast, ctx: DistContext,
+    batch: dict[str, Tensor], autocast, all_reduce_sum: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor], bool]:
     """One optimisation step on ``batch``; returns the weighted total, each task's loss, and
     whether the step was taken.
 
-    The step is skipped when the loss or a gradient is not finite on any rank. With fp16 the
-    GradScaler checks the (scaled) gradients itself, so only the loss is checked here.
+    The step is skipped when the loss or a gradient is not finite (on any rank, when
+    ``all_reduce_sum`` sums over ranks). With fp16 the GradScaler checks the (scaled) gradients
+    itself, so only the loss is checked here.
     """
     with autocast:
         total, losses = objective(batch)
@@ -213,7 +214,9 @@ def train_step(
     scaler.scale(total).backward()
     params = [] if scaler.is_enabled() else [p for group in optimizer.param_groups for p in group["params"]]
     bad = (~all_finite(total, params)).to(torch.float32)
-    finite = ctx.all_reduce_sum(bad).item() == 0
+    if all_reduce_sum is not None:
+        bad = all_reduce_sum(bad)
+    finite = bad.item() == 0
     if finite:
         scaler.step(optimizer)
         scaler.update()
@@ -354,7 +357,9 @@ def _train(
         skipped_before = guard.skipped
         for step, batch in enumerate(bar):
             batch = _to(batch, device)
-            total, losses, finite = train_step(objective, optimizer, scaler, batch, _autocast(config, device), ctx)
+            total, losses, finite = train_step(
+                objective, optimizer, scaler, batch, _autocast(config, device), ctx.all_reduce_sum
+            )
             guard.update(finite, losses, _batch_name(train_set, batch, epoch, step))
             if not finite:
                 continue
