@@ -65,7 +65,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     damaged file, is a :class:`CheckpointError` that names the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}: nothing to resume (start the run without --resume)")
+        raise FileNotFoundError(f"no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

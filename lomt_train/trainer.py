@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +35,7 @@ from .checkpoint import (
 from .config import RunConfig
 from .distributed import DistContext, init_distributed, shard
 from .data import build_dataset, generate_cached, make_synthetic_celeba, make_synthetic_nyu
-from .locking import hold_lock
+from .locking import LockedError, hold_lock
 from .losses import build_weighting
 from .models import MultiTaskModel, build_model
 from .nonfinite import NonFiniteGuard, all_finite
@@ -286,9 +286,27 @@ def train(
     tasks = validate(config)
     ctx = init_distributed(resolve_device(config.device))
     run_dir = run_dir_for(config)
-    lock = hold_lock(run_dir / ".lock", purpose=f"run folder {run_dir}") if ctx.is_main else contextlib.nullcontext()
-    with lock:
+    with _run_lock(run_dir, ctx):
         return _train(config, tasks, ctx, run_dir, resume=resume, progress=progress, stop_after=stop_after)
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path, ctx: DistContext) -> Iterator[None]:
+    """Rank 0 holds ``run_dir``'s lock for the run; if it cannot, every rank stops (none waits
+    for it at a barrier)."""
+    with contextlib.ExitStack() as stack:
+        error = None
+        if ctx.is_main:
+            try:
+                stack.enter_context(hold_lock(run_dir / ".lock", purpose=f"run folder {run_dir}"))
+            except LockedError as exc:
+                error = exc
+        failed = ctx.all_reduce_sum(torch.tensor([float(error is not None)], device=ctx.device)).item()
+        if error is not None:
+            raise error
+        if failed:
+            raise LockedError(f"run folder {run_dir} is in use by another process (rank 0 names it)")
+        yield
 
 
 def _train(
