@@ -52,7 +52,9 @@ def _check_state_dict(state_dict: dict[str, Any]) -> None:
     for i, group in enumerate(groups):
         missing = [key for key in ("params", "lr", "betas", "eps", "weight_decay") if key not in group]
         if missing:
-            raise ValueError(f"param group {i} of the loaded state lacks {missing}: it is not an Adam state (another optimizer's?)")
+            raise ValueError(
+                f"param group {i} of the loaded state lacks {missing}: it is not an Adam state (another optimizer's?)"
+            )
         unknown = sorted(set(group) - known)
         if unknown:
             raise ValueError(
@@ -61,7 +63,10 @@ def _check_state_dict(state_dict: dict[str, Any]) -> None:
             )
         for key, supported in _ADAM_OPTIONS.items():
             if supported is not None and group.get(key, supported) != supported:
-                raise ValueError(f"param group {i} of the loaded state has {key}={group[key]!r}, which FusedGroupProxAdam does not support")
+                raise ValueError(
+                    f"param group {i} of the loaded state has {key}={group[key]!r}, which FusedGroupProxAdam "
+                    "does not support"
+                )
     for index, p_state in state_dict["state"].items():
         if p_state and set(p_state) != set(_STATE_KEYS):
             raise ValueError(

@@ -34,9 +34,10 @@ def rng_state() -> dict[str, Any]:
     """The state of every random generator a training step may draw from, as tensors and plain
     Python types only, so that it loads with ``weights_only=True``."""
     numpy = np.random.get_state(legacy=False)
+    key = torch.from_numpy(numpy["state"]["key"].astype(np.int64))  # a tensor instead of numpy's uint32 array
     state = {
         "python": random.getstate(),
-        "numpy": {**numpy, "state": {**numpy["state"], "key": torch.from_numpy(numpy["state"]["key"].astype(np.int64))}},
+        "numpy": {**numpy, "state": {**numpy["state"], "key": key}},
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():

@@ -70,7 +70,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue the runs in --out from their last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--max-nonfinite-steps", type=int,
-                   help="stop after this many steps in a row with a non-finite loss or gradient (each is skipped; default 5)")
+                   help="stop after this many steps in a row with a non-finite loss or gradient (each is skipped; "
+                   "default 5)")
 
 
 # Flags that map one-to-one onto RunConfig fields (tasks and attach are parsed first).

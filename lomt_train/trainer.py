@@ -109,7 +109,9 @@ def dataset_root(config: RunConfig) -> Path:
     n = config.synthetic_images
     size = [config.image_size, config.image_size]
     if config.dataset == "nyu":
-        return generate_cached("nyu", make_synthetic_nyu, num_train=n, num_val=n // 4, num_test=n // 4, size=size, seed=0)
+        return generate_cached(
+            "nyu", make_synthetic_nyu, num_train=n, num_val=n // 4, num_test=n // 4, size=size, seed=0
+        )
     return generate_cached("celeba", make_synthetic_celeba, num_images=n + n // 2, size=size, seed=0)
 
 
@@ -349,7 +351,9 @@ def _train(
             guard.load_state_dict(ckpt.get("nonfinite", {"skipped": 0, "consecutive": 0}))
             history, best, start_epoch = ckpt["history"], ckpt["best"], ckpt["epoch"] + 1
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"checkpoint {run_dir / 'last.pt'} does not fit this run ({exc}); delete it to start over") from exc
+            raise CheckpointError(
+                f"checkpoint {run_dir / 'last.pt'} does not fit this run ({exc}); delete it to start over"
+            ) from exc
 
     objective: nn.Module = Objective(model, weighting, tasks)
     if ctx.enabled:

@@ -4,7 +4,6 @@ import os
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from lomt_train.tasks import resolve_tasks
 from lomt_train.trainer import Objective, train_step
 
 import spawned
+from test_locking import held_by_another_process
 
 STEPS, GLOBAL_BATCH = 2, 4
 
@@ -121,11 +121,7 @@ def test_torchrun_trains_writes_from_rank_0_and_resumes(tmp_path):
 def test_torchrun_into_a_locked_run_folder_stops_every_rank(tmp_path):
     out = tmp_path / "runs"
     run = out / "nyu-seg" / "group_weighted-lambda0.01" / "seed0"
-    hold = "import sys, time\nfrom lomt_train.locking import hold_lock\nwith hold_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(300)\n"
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(run / ".lock")], cwd=Path(__file__).resolve().parents[1],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "held\n"
+    with held_by_another_process(run / ".lock") as holder:
         cmd = [
             sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lomt_train",
             "nyu", "--tasks", "seg", "--synthetic", "--backend", "torch", "--image-size", "32", "--batch-size", "2",
@@ -134,9 +130,6 @@ def test_torchrun_into_a_locked_run_folder_stops_every_rank(tmp_path):
         ]
         env = {**os.environ, "LOMT_DATA_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    finally:
-        holder.kill()
-        holder.wait()
     assert done.returncode != 0
     assert f"run folder {run} is in use by pid {holder.pid}" in done.stderr
     assert [p.name for p in run.iterdir()] == [".lock"]

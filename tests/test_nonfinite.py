@@ -31,7 +31,8 @@ def test_a_nan_batch_is_skipped_and_counted(tmp_path):
     assert [row["skipped_steps"] for row in result.history] == [1, 1]  # one of the two batches per epoch
     assert [row["nonfinite_groups"] for row in result.history] == [0, 0]
     assert json.loads((result.run_dir / "results.json").read_text())["test"]["depth"]
-    assert all(torch.isfinite(p).all() for p in torch.load(result.run_dir / "last.pt", weights_only=True)["model"].values())
+    model = torch.load(result.run_dir / "last.pt", weights_only=True)["model"]
+    assert all(torch.isfinite(value).all() for value in model.values())
 
 
 def test_non_finite_steps_in_a_row_stop_the_run_naming_batch_and_task(tmp_path):

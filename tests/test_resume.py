@@ -1,10 +1,8 @@
 """--resume continues a run only with its own options, and says when there is nothing to do."""
 
 import dataclasses
-import json
 
 import pytest
-import torch
 
 from lomt_train.checkpoint import atomic_save, load_checkpoint
 from lomt_train.cli import main

@@ -79,7 +79,9 @@ def encode_image(array: np.ndarray, format: str) -> bytes:
     return buffer.getvalue()
 
 
-def require_size(path: Path, target: Tensor, image: Tensor, image_path: Path, factors: tuple[int, ...] = (1,)) -> Tensor:
+def require_size(
+    path: Path, target: Tensor, image: Tensor, image_path: Path, factors: tuple[int, ...] = (1,)
+) -> Tensor:
     """Return ``target`` (``[..., h, w]``) if ``(h, w)`` is ``image``'s ``[..., H, W]`` divided
     by one of ``factors``, else :class:`CorruptFileError` naming ``path``: a map of another size
     would be resized onto the image and trained on, misaligned."""
