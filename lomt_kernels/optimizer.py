@@ -22,6 +22,57 @@ _GROUP_DEFAULTS: dict[str, Any] = {
     "backend": "auto",
     "capturable": False,
 }
+# torch.optim.Adam's keys that this optimizer accepts in a loaded state dict, with the only
+# value it supports (None: any value, the key only picks an implementation).
+_ADAM_OPTIONS: dict[str, Any] = {"amsgrad": False, "differentiable": False, "foreach": None, "fused": None}
+# Keys that LR schedulers add to param groups.
+_SCHEDULER_KEYS = ("initial_lr", "max_lr", "min_lr", "base_lr", "base_momentum", "max_momentum")
+_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
+
+
+def _check_params(params: Iterable[Tensor]) -> None:
+    """Only real floating-point tensors can take an Adam step and a prox."""
+    for i, p in enumerate(params):
+        if p.is_complex():
+            raise ValueError(
+                f"param {i} is complex ({p.dtype}): the group norms and the prox are defined for real tensors; "
+                "optimize torch.view_as_real(p) instead"
+            )
+        if not p.is_floating_point():
+            raise ValueError(f"param {i} has dtype {p.dtype}: only floating-point params can be optimized")
+
+
+def _check_state_dict(state_dict: dict[str, Any]) -> None:
+    """Refuse a state dict this optimizer cannot continue from, naming what is wrong: another
+    optimizer's keys, an Adam option it does not implement, or per-param state other than Adam's."""
+    groups = state_dict.get("param_groups")
+    if not isinstance(groups, list) or not isinstance(state_dict.get("state"), dict):
+        raise ValueError("not an optimizer state dict: expected the keys 'state' and 'param_groups'")
+    known = {"params", "lr", "betas", "eps", "weight_decay", *_GROUP_DEFAULTS, *_ADAM_OPTIONS, *_SCHEDULER_KEYS}
+    for i, group in enumerate(groups):
+        missing = [key for key in ("params", "lr", "betas", "eps", "weight_decay") if key not in group]
+        if missing:
+            raise ValueError(
+                f"param group {i} of the loaded state lacks {missing}: it is not an Adam state (another optimizer's?)"
+            )
+        unknown = sorted(set(group) - known)
+        if unknown:
+            raise ValueError(
+                f"param group {i} of the loaded state has keys {unknown} that neither FusedGroupProxAdam nor "
+                "torch.optim.Adam has: is it another optimizer's state?"
+            )
+        for key, supported in _ADAM_OPTIONS.items():
+            if supported is not None and group.get(key, supported) != supported:
+                raise ValueError(
+                    f"param group {i} of the loaded state has {key}={group[key]!r}, which FusedGroupProxAdam "
+                    "does not support"
+                )
+    for index, p_state in state_dict["state"].items():
+        if p_state and set(p_state) != set(_STATE_KEYS):
+            raise ValueError(
+                f"the loaded state of param {index} has keys {sorted(p_state)}, not Adam's {list(_STATE_KEYS)}: "
+                "is it another optimizer's state?"
+            )
 
 
 def _check_hyperparameters(
@@ -49,6 +100,13 @@ def _check_hyperparameters(
         raise ValueError(f"unknown grouping={grouping!r}: expected one of {GROUPINGS}")
     if backend != "auto" and backend not in backends.BACKENDS:
         raise ValueError(f"unknown backend={backend!r}: expected 'auto' or one of {backends.BACKENDS}")
+
+
+def _check_group(group: dict[str, Any]) -> None:
+    _check_hyperparameters(
+        group["lr"], group["betas"], group["eps"], group["weight_decay"],
+        group["lambda_"], group["prox"], group["grouping"], group["backend"],
+    )
 
 
 def _on(device: torch.device, t: Tensor | None) -> Tensor | None:
@@ -135,10 +193,24 @@ class FusedGroupProxAdam(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        _check_hyperparameters(
-            group["lr"], group["betas"], group["eps"], group["weight_decay"],
-            group["lambda_"], group["prox"], group["grouping"], group["backend"],
-        )
+        try:
+            _check_params(group["params"])
+            _check_group(group)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As :meth:`torch.optim.Optimizer.load_state_dict`, after checking the state with the
+        constructor's checks (a saved state is untrusted input)."""
+        _check_state_dict(state_dict)
+        for i, group in enumerate(state_dict["param_groups"]):
+            filled = {**_GROUP_DEFAULTS, **{k: v for k, v in self.defaults.items() if k in _GROUP_DEFAULTS}, **group}
+            try:
+                _check_group(filled)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"param group {i} of the loaded state: {exc}") from exc
+        super().load_state_dict(state_dict)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

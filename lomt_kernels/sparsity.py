@@ -21,10 +21,11 @@ class LayerSparsity:
     zero_groups: int
     params: int
     zero_params: int
+    nonfinite_groups: int = 0
 
     @property
     def group_sparsity(self) -> float:
-        """Percentage of groups that are exactly zero."""
+        """Percentage of groups that are exactly zero (a group with a NaN or inf never is)."""
         return 100.0 * self.zero_groups / self.groups if self.groups else 0.0
 
     @property
@@ -61,6 +62,10 @@ class SparsityReport:
         return sum(layer.zero_params for layer in self.layers)
 
     @property
+    def nonfinite_groups(self) -> int:
+        return sum(layer.nonfinite_groups for layer in self.layers)
+
+    @property
     def group_sparsity(self) -> float:
         return 100.0 * self.zero_groups / self.groups if self.groups else 0.0
 
@@ -72,7 +77,9 @@ class SparsityReport:
         """JSON-ready figures: totals plus one entry per layer."""
         totals = {
             key: getattr(self, key)
-            for key in ("groups", "zero_groups", "group_sparsity", "params", "zero_params", "param_sparsity")
+            for key in (
+                "groups", "zero_groups", "group_sparsity", "params", "zero_params", "param_sparsity", "nonfinite_groups",
+            )
         }
         layers = [
             {**asdict(layer), "group_sparsity": layer.group_sparsity, "param_sparsity": layer.param_sparsity}
@@ -92,7 +99,8 @@ def group_sparsity(
         model_or_params: a module (its named parameters are read), named tensors, or tensors.
         grouping: ``"in_channel"`` or ``"out_channel"``, as in :class:`FusedGroupProxAdam`.
 
-    A group counts as zero when all its elements are exactly zero.
+    A group counts as zero when all its elements are exactly zero; groups holding a NaN or an
+    inf are counted apart (``nonfinite_groups``), as a sign of a diverged run, never as sparse.
     """
     group_dim(grouping)  # validates
     if isinstance(model_or_params, nn.Module):
@@ -104,7 +112,8 @@ def group_sparsity(
     for name, t in named:
         if not is_grouped(t) or t.numel() == 0:
             continue
-        nonzero = as_groups(t.detach(), grouping) != 0
+        groups = as_groups(t.detach(), grouping)
+        nonzero = groups != 0
         report.layers.append(
             LayerSparsity(
                 name=name,
@@ -113,6 +122,7 @@ def group_sparsity(
                 zero_groups=int((~nonzero.any(dim=1)).sum()),
                 params=t.numel(),
                 zero_params=t.numel() - int(nonzero.sum()),
+                nonfinite_groups=int((~groups.isfinite().all(dim=1)).sum()),
             )
         )
     return report

@@ -39,3 +39,13 @@ def atomic_write_bytes(data: bytes, path: str | Path) -> None:
 def atomic_write_text(text: str, path: str | Path) -> None:
     with atomic_open(path, "w") as f:
         f.write(text)
+
+
+def remove_orphans(folder: str | Path) -> list[Path]:
+    """Delete the temporary files :func:`atomic_open` left in ``folder`` when a writer was killed
+    mid-write (``.<name>.<random>.tmp``); returns them. Call it only while no other process may
+    be writing there (e.g. holding the folder's lock)."""
+    removed = [p for p in Path(folder).glob(".*.tmp") if p.is_file()]
+    for p in removed:
+        p.unlink(missing_ok=True)
+    return removed

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -68,6 +69,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output folder (default: runs)")
     p.add_argument("--resume", action="store_true", help="continue the runs in --out from their last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--max-nonfinite-steps", type=int,
+                   help="stop after this many steps in a row with a non-finite loss or gradient (each is skipped; "
+                   "default 5)")
 
 
 # Flags that map one-to-one onto RunConfig fields (tasks and attach are parsed first).
@@ -97,8 +101,11 @@ def config_from_args(dataset: str, args: argparse.Namespace) -> tuple[RunConfig,
     if args.attach:
         values["attach"] = _attach_pairs(args.attach)
     if args.lomt:
-        profile = json.loads(args.lomt.read_text())
-        values["attach"] = {**profile["attach"], **values.get("attach", {})}
+        try:
+            attach = json.loads(args.lomt.read_text())["attach"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"--lomt {args.lomt}: not a lomt-probe profile.json ({exc!r})") from exc
+        values["attach"] = {**attach, **values.get("attach", {})}
     if args.lambdas:
         lambdas = args.lambdas
     if args.seeds:
@@ -108,19 +115,22 @@ def config_from_args(dataset: str, args: argparse.Namespace) -> tuple[RunConfig,
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lomt_train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
+    add_parser = functools.partial(sub.add_parser, parents=[common])
     for name in DATASETS:
-        _add_train_arguments(sub.add_parser(name, help=f"train on {name} (single- or multi-task, sweeps, seeds)"))
-    report = sub.add_parser("report", help="tables and plots from run folders")
+        _add_train_arguments(add_parser(name, help=f"train on {name} (single- or multi-task, sweeps, seeds)"))
+    report = add_parser("report", help="tables and plots from run folders")
     report.add_argument("runs", nargs="+", type=Path, help="run folders, or folders that contain them")
     report.add_argument("--out", type=Path, default=Path("report"))
-    probe = sub.add_parser(
+    probe = add_parser(
         "lomt-probe",
         help="LOMT step 1: train each task alone with sparsity, write profile.json (attachment layers) and a heatmap",
     )
     probe.add_argument("dataset", choices=DATASETS)
     _add_train_arguments(probe)
-    compact = sub.add_parser("compact", help="physically remove zero channel groups from a run's best model")
+    compact = add_parser("compact", help="physically remove zero channel groups from a run's best model")
     compact.add_argument("run", type=Path, help="a run folder (config.json, best.pt)")
     compact.add_argument("--image-size", type=int, default=256, help="input size for MACs and latency")
     compact.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], help="latency batch sizes")
@@ -158,7 +168,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  repeats=args.repeats, device=args.device)
             print((args.run / "compact.md").read_text(), end="")
             print(f"max |sparse - compact| = {report['max_abs_diff']:.2e}")
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
-        print(f"lomt_train: error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        if args.debug:
+            raise
+        # Our own errors name the file and the fix; anything else also says what it is.
+        expected = isinstance(exc, (ValueError, OSError, RuntimeError))
+        message = str(exc) if expected else f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)"
+        print(f"lomt_train: error: {message}", file=sys.stderr)
         return 2
     return 0

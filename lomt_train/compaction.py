@@ -271,7 +271,7 @@ def load_compact(path: str | Path) -> MultiTaskModel:
         raise ValueError(f"{path.with_name('compact_spec.json')}: spec version {spec.get('version')}, expected {SPEC_VERSION}")
     model = build_model(**spec["build"])
     _apply_shapes(model.backbone, spec)
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    model.load_state_dict(load_checkpoint(path))
     return model.eval()
 
 

@@ -10,6 +10,9 @@ from typing import Any
 
 DATASETS = ("nyu", "celeba")
 
+# Fields that hold paths: compared after resolving, so ``./runs`` and ``runs`` are one folder.
+PATH_FIELDS = ("data", "out", "weights")
+
 
 @dataclass
 class RunConfig:
@@ -49,6 +52,7 @@ class RunConfig:
     synthetic_images: int = 96
     timing_batch_sizes: list[int] = field(default_factory=lambda: [1])
     timing_repeats: int = 10
+    max_nonfinite_steps: int = 5
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -63,7 +67,26 @@ class RunConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "RunConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read a ``config.json``; any problem is a ``ValueError`` that names the file."""
+        try:
+            values = json.loads(Path(path).read_text())
+            if not isinstance(values, dict):
+                raise ValueError(f"expected a JSON object, got {type(values).__name__}")
+            return cls.from_dict(values)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{path}: not a valid run config ({exc}); fix or delete it") from exc
+
+    def differences(self, other: "RunConfig") -> dict[str, tuple[Any, Any]]:
+        """``{key: (self's value, other's value)}`` for every field that differs, paths compared
+        after resolving against the current folder."""
+        def normal(name: str, value: Any) -> Any:
+            return str(Path(value).resolve()) if name in PATH_FIELDS and value is not None else value
+
+        return {
+            f.name: (getattr(self, f.name), getattr(other, f.name))
+            for f in dataclasses.fields(self)
+            if normal(f.name, getattr(self, f.name)) != normal(f.name, getattr(other, f.name))
+        }
 
 
 # The papers' protocol (Less is More, Sec. 4): Adam at 1e-4, 256x256 inputs, batch 16 on

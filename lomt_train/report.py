@@ -36,7 +36,10 @@ def find_runs(paths: Iterable[Path]) -> list[Path]:
 
 
 def _load(run: Path, name: str) -> Any:
-    return json.loads((run / name).read_text())
+    try:
+        return json.loads((run / name).read_text())
+    except ValueError as exc:
+        raise ValueError(f"{run / name}: not valid JSON ({exc}); rerun or delete that run") from exc
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

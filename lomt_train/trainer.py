@@ -9,14 +9,16 @@ test metrics of the selected model, evaluated once, in eval mode).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -26,12 +28,18 @@ from tqdm.auto import tqdm
 
 from lomt_kernels import FusedGroupProxAdam, group_sparsity, prox_param_groups
 
-from .checkpoint import atomic_save, atomic_write_text, load_checkpoint, rng_state, seed_everything, set_rng_state
+from .atomic import remove_orphans
+from .checkpoint import (
+    CheckpointError, atomic_save, atomic_write_text, load_checkpoint, rng_state, seed_everything, set_rng_state,
+)
 from .config import RunConfig
 from .distributed import DistContext, init_distributed, shard
-from .data import build_dataset, make_synthetic_celeba, make_synthetic_nyu, synthetic_root
+from .data import build_dataset, generate_cached, make_synthetic_celeba, make_synthetic_nyu
+from .locking import LockedError, hold_lock
 from .losses import build_weighting
 from .models import MultiTaskModel, build_model
+from .nonfinite import NonFiniteGuard, all_finite
+from .resume import check_resume
 from .tasks import Task, get_task, resolve_tasks
 from .timing import measure_latency
 
@@ -70,8 +78,20 @@ def validate(config: RunConfig) -> list[Task]:
         raise ValueError(f"unknown dataset {config.dataset!r}: expected 'nyu' or 'celeba'")
     if config.lambda_ < 0:
         raise ValueError(f"lambda_={config.lambda_} is negative: the sparsity strength must be >= 0")
+    for name in ("lambda_", "lr", "weight_decay"):
+        value = getattr(config, name)
+        if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
+            raise ValueError(f"{name}={value}: it must be a finite number {'> 0' if name == 'lr' else '>= 0'}")
     if config.epochs < 1 or config.batch_size < 1:
         raise ValueError(f"epochs ({config.epochs}) and batch size ({config.batch_size}) must be >= 1")
+    for name, least in (("image_size", 8), ("synthetic_images", 4), ("max_nonfinite_steps", 1), ("timing_repeats", 1),
+                        ("patience", 0), ("workers", 0)):
+        if getattr(config, name) < least:
+            raise ValueError(f"{name}={getattr(config, name)}: it must be >= {least}")
+    if config.aspp_channels is not None and config.aspp_channels < 1:
+        raise ValueError(f"aspp_channels={config.aspp_channels}: it must be >= 1")
+    if config.lr_schedule not in ("cosine", "step", "none"):
+        raise ValueError(f"unknown lr_schedule {config.lr_schedule!r}: expected cosine, step or none")
     if not config.synthetic and config.data is None:
         raise ValueError("give a dataset folder with --data PATH, or use --synthetic for the built-in data")
     if not config.synthetic and not Path(config.data).is_dir():
@@ -82,15 +102,17 @@ def validate(config: RunConfig) -> list[Task]:
 
 
 def dataset_root(config: RunConfig) -> Path:
-    """The folder to read: ``--data``, or the built-in synthetic set (generated on first use)."""
+    """The folder to read: ``--data``, or the built-in synthetic set (generated on first use, in a
+    cache folder of its own for every set of generation parameters)."""
     if not config.synthetic:
         return Path(config.data)
     n = config.synthetic_images
-    size = (config.image_size, config.image_size)
-    root = synthetic_root(config.dataset)
+    size = [config.image_size, config.image_size]
     if config.dataset == "nyu":
-        return make_synthetic_nyu(root, num_train=n, num_val=n // 4, num_test=n // 4, size=size, seed=0)
-    return make_synthetic_celeba(root, num_images=n + n // 2, size=size, seed=0)
+        return generate_cached(
+            "nyu", make_synthetic_nyu, num_train=n, num_val=n // 4, num_test=n // 4, size=size, seed=0
+        )
+    return generate_cached("celeba", make_synthetic_celeba, num_images=n + n // 2, size=size, seed=0)
 
 
 def _train_loader(dataset, config: RunConfig, ctx: DistContext, epoch: int) -> DataLoader:
@@ -179,16 +201,30 @@ class Objective(nn.Module):
 
 def train_step(
     objective: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-    batch: dict[str, Tensor], autocast,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """One optimisation step on ``batch``; returns the weighted total and each task's loss."""
+    batch: dict[str, Tensor], autocast, all_reduce_sum: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[Tensor, dict[str, Tensor], bool]:
+    """One optimisation step on ``batch``; returns the weighted total, each task's loss, and
+    whether the step was taken.
+
+    The step is skipped when the loss or a gradient is not finite (on any rank, when
+    ``all_reduce_sum`` sums over ranks). With fp16 the GradScaler checks the (scaled) gradients
+    itself, so only the loss is checked here.
+    """
     with autocast:
         total, losses = objective(batch)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(total).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    return total.detach(), {k: v.detach() for k, v in losses.items()}
+    params = [] if scaler.is_enabled() else [p for group in optimizer.param_groups for p in group["params"]]
+    bad = (~all_finite(total, params)).to(torch.float32)
+    if all_reduce_sum is not None:
+        bad = all_reduce_sum(bad)
+    finite = bad.item() == 0
+    if finite:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.zero_grad(set_to_none=True)
+    return total.detach(), {k: v.detach() for k, v in losses.items()}, finite
 
 
 def _write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
@@ -244,22 +280,49 @@ def train(
     """Train one run to completion (or, with ``stop_after``, for that many epochs of this call).
 
     ``resume=True`` continues from the run folder's ``last.pt`` so that the run ends exactly as
-    if it had never stopped. Returns ``None`` when stopped early by ``stop_after``. Under
-    ``torchrun`` every rank calls this; rank 0 alone writes files and shows progress.
+    if it had never stopped, and only with the options it was started with. Returns ``None``
+    when stopped early by ``stop_after``. Under ``torchrun`` every rank calls this; rank 0 alone
+    writes files and shows progress, and holds the folder's lock so that no other process
+    writes the same run.
     """
     tasks = validate(config)
     ctx = init_distributed(resolve_device(config.device))
+    run_dir = run_dir_for(config)
+    with _run_lock(run_dir, ctx):
+        return _train(config, tasks, ctx, run_dir, resume=resume, progress=progress, stop_after=stop_after)
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path, ctx: DistContext) -> Iterator[None]:
+    """Rank 0 holds ``run_dir``'s lock for the run; if it cannot, every rank stops (none waits
+    for it at a barrier)."""
+    with contextlib.ExitStack() as stack:
+        error = None
+        if ctx.is_main:
+            try:
+                stack.enter_context(hold_lock(run_dir / ".lock", purpose=f"run folder {run_dir}"))
+            except LockedError as exc:
+                error = exc
+        failed = ctx.all_reduce_sum(torch.tensor([float(error is not None)], device=ctx.device)).item()
+        if error is not None:
+            raise error
+        if failed:
+            raise LockedError(f"run folder {run_dir} is in use by another process (rank 0 names it)")
+        yield
+
+
+def _train(
+    config: RunConfig, tasks: list[Task], ctx: DistContext, run_dir: Path, *, resume: bool, progress: bool,
+    stop_after: int | None,
+) -> RunResult | None:
     device = ctx.device
     progress = progress and ctx.is_main
-    run_dir = run_dir_for(config)
-    if resume:
-        saved = RunConfig.load(run_dir / "config.json") if (run_dir / "config.json").exists() else None
-        if saved is not None and saved != config:
-            raise ValueError(f"--resume: {run_dir}/config.json differs from this command's options; rerun it as saved")
-    elif (run_dir / "last.pt").exists():
-        raise FileExistsError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
     if ctx.is_main:
-        atomic_write_text(config.to_json(), run_dir / "config.json")
+        remove_orphans(run_dir)  # left by a writer that was killed; the lock says it is gone
+    ckpt = check_resume(config, run_dir, resume=resume)
+    if ctx.is_main:
+        if ckpt is None:
+            atomic_write_text(config.to_json(), run_dir / "config.json")
         root = dataset_root(config)  # rank 0 generates synthetic data; the others then find it
     ctx.barrier()
     if not ctx.is_main:
@@ -276,15 +339,21 @@ def train(
     history: list[dict[str, Any]] = []
     best = {"score": math.inf, "epoch": -1, "bad_epochs": 0}
     start_epoch = 0
-    if resume and (run_dir / "last.pt").exists():
-        ckpt = load_checkpoint(run_dir / "last.pt")
-        model.load_state_dict(ckpt["model"])
-        weighting.load_state_dict(ckpt["weighting"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
-        history, best, start_epoch = ckpt["history"], ckpt["best"], ckpt["epoch"] + 1
+    guard = NonFiniteGuard(config.max_nonfinite_steps, log=tqdm.write if ctx.is_main else lambda _: None)
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"])
+            weighting.load_state_dict(ckpt["weighting"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            scaler.load_state_dict(ckpt["scaler"])
+            set_rng_state(ckpt["rng"])
+            guard.load_state_dict(ckpt.get("nonfinite", {"skipped": 0, "consecutive": 0}))
+            history, best, start_epoch = ckpt["history"], ckpt["best"], ckpt["epoch"] + 1
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"checkpoint {run_dir / 'last.pt'} does not fit this run ({exc}); delete it to start over"
+            ) from exc
 
     objective: nn.Module = Objective(model, weighting, tasks)
     if ctx.enabled:
@@ -307,9 +376,15 @@ def train(
             _train_loader(train_set, config, ctx, epoch),
             desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False,
         )
-        for batch in bar:
+        skipped_before = guard.skipped
+        for step, batch in enumerate(bar):
             batch = _to(batch, device)
-            total, losses = train_step(objective, optimizer, scaler, batch, _autocast(config, device))
+            total, losses, finite = train_step(
+                objective, optimizer, scaler, batch, _autocast(config, device), ctx.all_reduce_sum
+            )
+            guard.update(finite, losses, _batch_name(train_set, batch, epoch, step))
+            if not finite:
+                continue
             n = batch["image"].shape[0]
             seen += n
             for k, v in losses.items():
@@ -335,6 +410,8 @@ def train(
             "task_weight": weighting.weights(),
             "group_sparsity": sparsity.group_sparsity,
             "param_sparsity": sparsity.param_sparsity,
+            "nonfinite_groups": sparsity.nonfinite_groups,
+            "skipped_steps": guard.skipped - skipped_before,
             "seconds": time.perf_counter() - started,
         }
         history.append(row)
@@ -345,7 +422,8 @@ def train(
                     "model": model.state_dict(), "weighting": weighting.state_dict(),
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(), "rng": rng_state(), "epoch": epoch,
-                    "history": history, "best": best,
+                    "history": history, "best": best, "nonfinite": guard.state_dict(),
+                    "config": dataclasses.asdict(config),
                 },
                 run_dir / "last.pt",
             )
@@ -357,6 +435,14 @@ def train(
             return None
 
     return _finish(config, run_dir, model, tasks, ctx, history, root, common)
+
+
+def _batch_name(dataset, batch: dict[str, Any], epoch: int, step: int) -> str:
+    """``epoch 2, batch 5 (items 000012, 000031)``: the dataset's ids where it has them."""
+    indices = batch["index"].tolist()
+    ids = getattr(dataset, "ids", None)
+    items = ", ".join(str(ids[i]) if ids is not None else str(i) for i in indices)
+    return f"epoch {epoch + 1}, batch {step + 1} (items {items})"
 
 
 def summary_line(label: str, metrics: dict[str, dict[str, float]], group_sparsity: float) -> str:
@@ -425,6 +511,9 @@ def run_sweep(
             tqdm.write(f"run lambda_={c.lambda_:g} seed={c.seed} -> {run_dir_for(c)}")
         done = run_dir_for(c) / "results.json"
         if resume and done.exists():
+            check_resume(c, run_dir_for(c), resume=True)
+            if os.environ.get("RANK", "0") == "0":
+                tqdm.write(f"{run_dir_for(c)} is finished (results.json): nothing to resume")
             continue
         result = train(c, resume=resume, progress=progress)
         results.append(result)

@@ -221,6 +221,17 @@ def test_corrupt_or_missing_masks_are_named(tmp_path):
         ds[1]
 
 
+def test_masks_of_another_shape_than_their_image_are_named(tmp_path):
+    root = write_celeba(tmp_path)  # 16x16 images with 8x8 masks, as the release's halves
+    ds = build_dataset("celeba", root, "train", ["seg"], image_size=8)
+    ds[0]
+    n = ds.ids[1]
+    for part in _parts():
+        Image.fromarray(np.zeros((8, 6), dtype=np.uint8)).save(part_mask_path(root, n, part))
+    with pytest.raises(CorruptFileError, match=rf"{n:05d}_\*\.png: its size 8x6 does not match its image .*{n}\.jpg"):
+        ds[1]
+
+
 def test_augmentation_is_reproducible(tmp_path):
     root = write_celeba(tmp_path)
     ds = build_dataset("celeba", root, "train", ["seg", "male"], image_size=8, augment=True)

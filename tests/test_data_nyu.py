@@ -1,5 +1,6 @@
 """The NYU-v2 loader on hand-built fixtures in the NYUD_MT and MTAN layouts (lomt_train.data.nyu)."""
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -214,6 +215,32 @@ def test_corrupt_file_is_named(tmp_path, path, content, task, match):
     with pytest.raises(CorruptFileError, match=match) as err:
         ds[1]
     assert str(err.value).startswith(str(root / path))
+
+
+@pytest.mark.parametrize(
+    ("task", "path", "write"),
+    [
+        ("seg", "segmentation/a.png", lambda p: Image.fromarray(np.ones((H + 2, W), dtype=np.uint8)).save(p)),
+        ("depth", "depth/a.npy", lambda p: np.save(p, np.ones((H, W - 2), dtype=np.float32))),
+        ("normal", "normals/a.npy", lambda p: np.save(p, np.ones((H // 2, W // 2, 3), dtype=np.float32))),
+        ("edge", "edge/a.npy", lambda p: np.save(p, np.ones((2 * H, 2 * W), dtype=np.float32))),
+    ],
+)
+def test_a_target_of_another_size_than_its_image_is_named(tmp_path, task, path, write):
+    root = write_nyud_mt(tmp_path)
+    write(root / path)
+    ds = build_dataset("nyu", root, "train", [task])
+    with pytest.raises(CorruptFileError, match=rf"does not match its image .*a\.jpg \({H}x{W} expected\)") as err:
+        ds[1]
+    assert str(err.value).startswith(str(root / path))
+
+
+@pytest.mark.parametrize("bad", ["../../outside/x", "sub/a", "..", "a\\..\\b"])
+def test_split_ids_must_be_plain_names(tmp_path, bad):
+    root = write_nyud_mt(tmp_path / "nyu")
+    (root / "gt_sets" / "train.txt").write_text(f"b\n\n{bad}\n")
+    with pytest.raises(CorruptFileError, match=rf"train\.txt, line 3: id {re.escape(repr(bad))} is not a plain name"):
+        build_dataset("nyu", root, "train", ["seg"])
 
 
 def test_labels_outside_the_layout_are_rejected(tmp_path):

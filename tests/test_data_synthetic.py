@@ -1,6 +1,8 @@
 """The synthetic datasets and their cache (lomt_train.data.synthetic_nyu, synthetic_celeba, cache)."""
 
+import dataclasses
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +13,13 @@ from lomt_train.data import (
     CELEBA_ATTRIBUTES,
     CELEBAMASK_PARTS,
     make_synthetic_celeba,
+    generate_cached,
     make_synthetic_nyu,
     synthetic_root,
 )
+from lomt_train.config import RunConfig
+from lomt_train.data.cache import MARKER_NAME
+from lomt_train.trainer import dataset_root
 from lomt_train.data.synthetic_celeba import draw_face
 from lomt_train.data.synthetic_nyu import label_edges, render_room
 
@@ -154,3 +160,46 @@ def test_generation_is_fast(tmp_path):
     make_synthetic_nyu(tmp_path / "nyu", num_train=200, num_val=0, size=(64, 64))
     make_synthetic_celeba(tmp_path / "celeba", num_images=200, size=64)
     assert time.perf_counter() - start < 2 * 20.0  # each of the two must take under 20 s
+
+
+def test_the_trainers_cache_is_keyed_on_every_generation_parameter(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOMT_DATA_CACHE", str(tmp_path))
+    base = RunConfig(dataset="nyu", tasks=["seg"], synthetic=True, image_size=16, synthetic_images=4)
+    roots = [dataset_root(base), dataset_root(dataclasses.replace(base, image_size=24)),
+             dataset_root(dataclasses.replace(base, synthetic_images=8))]
+    assert len(set(roots)) == 3
+    for root, side, count in zip(roots, (16, 24, 16), (4, 4, 8)):
+        assert _read(root / "images" / "000000.jpg")[0].shape == (side, side, 3)
+        assert len((root / "gt_sets" / "train.txt").read_text().split()) == count
+
+
+def test_a_cached_set_appears_whole_or_not_at_all(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOMT_DATA_CACHE", str(tmp_path))
+
+    def killed(root, **params):
+        make_synthetic_nyu(root, **{**params, "num_val": 0})  # some files written, then the process dies
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        generate_cached("nyu", killed, num_train=2, num_val=1, size=[16, 16])
+    root = synthetic_root("nyu", num_train=2, num_val=1, size=[16, 16])
+    assert not root.exists() and not list(root.parent.glob(f".{root.name}.*.tmp"))
+    orphan = root.parent / f".{root.name}.abc123.tmp"  # as a SIGKILL would leave it
+    (orphan / "images").mkdir(parents=True)
+    assert generate_cached("nyu", make_synthetic_nyu, num_train=2, num_val=1, size=[16, 16]) == root
+    assert not orphan.exists() and (root / "gt_sets" / "val.txt").read_text() == "000002\n"
+
+
+def test_concurrent_users_of_one_cached_set_generate_it_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOMT_DATA_CACHE", str(tmp_path))
+    generated = []
+
+    def slow(root, **params):
+        if not (root / MARKER_NAME).exists():
+            generated.append(root)
+            time.sleep(0.5)  # long enough for the other thread to look for the set meanwhile
+        return make_synthetic_nyu(root, **params)
+
+    with ThreadPoolExecutor(2) as pool:
+        roots = list(pool.map(lambda _: generate_cached("nyu", slow, num_train=2, num_val=1, size=[16, 16]), range(2)))
+    assert roots[0] == roots[1] and len(generated) == 1

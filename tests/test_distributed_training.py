@@ -17,6 +17,7 @@ from lomt_train.tasks import resolve_tasks
 from lomt_train.trainer import Objective, train_step
 
 import spawned
+from test_locking import held_by_another_process
 
 STEPS, GLOBAL_BATCH = 2, 4
 
@@ -114,3 +115,21 @@ def test_torchrun_trains_writes_from_rank_0_and_resumes(tmp_path):
     # Resuming a finished sweep under torchrun is a no-op that still exits cleanly.
     done = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_torchrun_into_a_locked_run_folder_stops_every_rank(tmp_path):
+    out = tmp_path / "runs"
+    run = out / "nyu-seg" / "group_weighted-lambda0.01" / "seed0"
+    with held_by_another_process(run / ".lock") as holder:
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lomt_train",
+            "nyu", "--tasks", "seg", "--synthetic", "--backend", "torch", "--image-size", "32", "--batch-size", "2",
+            "--epochs", "1", "--aspp-channels", "8", "--synthetic-images", "8", "--device", "cpu", "--no-progress",
+            "--out", str(out),
+        ]
+        env = {**os.environ, "LOMT_DATA_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert f"run folder {run} is in use by pid {holder.pid}" in done.stderr
+    assert [p.name for p in run.iterdir()] == [".lock"]

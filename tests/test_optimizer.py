@@ -184,6 +184,71 @@ def test_group_sparsity_figures():
     assert report.to_dict()["total"]["zero_groups"] == 1
 
 
+def test_group_sparsity_never_counts_a_non_finite_group_as_zero():
+    conv = nn.Conv2d(4, 2, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0, 1] = float("nan")  # otherwise-zero group with one NaN: diverged, not sparse
+        conv.weight[1, 2] = float("inf")
+        conv.weight[:, 3] = 1.0
+    report = group_sparsity(conv)
+    assert (report.zero_groups, report.nonfinite_groups) == (1, 2)
+    assert report.to_dict()["total"]["nonfinite_groups"] == 2
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.complex64, torch.complex128])
+def test_params_the_maths_does_not_cover_are_refused(backend, dtype):
+    bad = torch.zeros(3, 2, dtype=dtype)
+    message = "complex" if dtype.is_complex else "only floating-point params"
+    with pytest.raises(ValueError, match=f"param 1 .*{message}"):
+        FusedGroupProxAdam([torch.zeros(2), bad], backend=backend)
+    opt = FusedGroupProxAdam([torch.zeros(2)], backend=backend)
+    with pytest.raises(ValueError, match=message):
+        opt.add_param_group({"params": [bad]})
+    assert len(opt.param_groups) == 1
+
+
+def _saved_state() -> dict:
+    model = _model()
+    opt = FusedGroupProxAdam(model.parameters(), lr=1e-2, lambda_=0.5, backend="torch")
+    _train(model, opt, 1)
+    return opt.state_dict()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"lambda_": -5.0}, "lambda_=-5.0"),
+        ({"lr": float("nan")}, "lr=nan"),
+        ({"prox": "bogus"}, "unknown prox='bogus'"),
+        ({"betas": (0.9, 1.5)}, r"betas\[1\]=1.5"),
+        ({"amsgrad": True}, "amsgrad=True, which FusedGroupProxAdam does not support"),
+        ({"momentum": 0.9}, r"keys \['momentum'\] that neither .* another optimizer's state"),
+    ],
+)
+def test_crafted_state_dicts_are_refused(change, message):
+    state = _saved_state()
+    state["param_groups"][0].update(change)
+    opt = FusedGroupProxAdam(_model().parameters(), backend="torch")
+    before = copy.deepcopy(opt.param_groups)
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(state)
+    assert opt.param_groups[0]["lr"] == before[0]["lr"] and not opt.state
+
+
+def test_another_optimizers_state_is_refused():
+    model = _model()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _train(model, sgd, 1)
+    with pytest.raises(ValueError, match="another optimizer's"):
+        FusedGroupProxAdam(model.parameters(), backend="torch").load_state_dict(sgd.state_dict())
+    adam_state = _saved_state()
+    adam_state["state"][0]["max_exp_avg_sq"] = adam_state["state"][0]["exp_avg_sq"]  # amsgrad's extra moment
+    with pytest.raises(ValueError, match=r"param 0 has keys .*max_exp_avg_sq.*not Adam's"):
+        FusedGroupProxAdam(_model().parameters(), backend="torch").load_state_dict(adam_state)
+
+
 def test_prox_param_groups_selects_backbone_convs():
     model = nn.ModuleDict(
         {"backbone": nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), "head": nn.Conv2d(4, 2, 1)}

@@ -77,12 +77,19 @@ def test_an_existing_run_is_not_overwritten(tmp_path):
         (["nyu", "--tasks", "seg", "--data", "/nonexistent/nyu"], "no such folder"),
         (["nyu", "--tasks", "seg"], "--data PATH, or use --synthetic"),
         (["nyu", "--tasks", "seg", "--synthetic", "--attach", "seg"], "expected TASK=LAYER"),
+        (["nyu", "--tasks", "seg", "--synthetic", "--lambda", "nan"], "lambda_=nan: it must be a finite number >= 0"),
+        (["nyu", "--tasks", "seg", "--synthetic", "--lr", "-1"], "lr=-1.0: it must be a finite number > 0"),
+        (["nyu", "--tasks", "seg", "--synthetic", "--weight-decay", "inf"], "weight_decay=inf"),
+        (["nyu", "--tasks", "seg", "--synthetic", "--image-size", "0"], "image_size=0: it must be >= 8"),
+        (["nyu", "--tasks", "seg", "--synthetic", "--max-nonfinite-steps", "0"], "max_nonfinite_steps=0"),
+        (["nyu", "--tasks", "seg", "--synthetic", "--lomt", "/nonexistent/profile.json"], "profile.json"),
     ],
 )
 def test_cli_rejects_bad_input_before_any_work(tmp_path, capsys, argv, message):
     assert main([*argv, "--out", str(tmp_path / "runs")]) == 2
-    assert message in capsys.readouterr().err
-    assert not (tmp_path / "runs").exists()
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without a GPU")

@@ -8,7 +8,7 @@ task (``"seg"`` int64 ``[H, W]``, 255 = ignore; ``"depth"`` float32 ``[1, H, W]`
 """
 
 from .build import DATASET_NAMES, build_dataset
-from .cache import cache_home, synthetic_root
+from .cache import cache_home, generate_cached, synthetic_root
 from .celeba import PART_TO_CLASS3, CelebAMaskHQDataset, compose_mask3
 from .class_names import (
     CELEBA_ATTRIBUTES,
@@ -49,6 +49,7 @@ __all__ = [
     "cache_home",
     "compose_mask3",
     "detect_nyu_layout",
+    "generate_cached",
     "make_synthetic_celeba",
     "make_synthetic_nyu",
     "synthetic_root",

@@ -3,7 +3,8 @@
 Everything lives under :func:`cache_home`: ``$LOMT_DATA_CACHE`` if set, else ``~/.cache/lomt``.
 A generated dataset carries a marker file holding the parameters it was generated with; a
 generator that finds a matching marker does nothing, and one that finds a different marker
-deletes what it generated before and starts again.
+deletes what it generated before and starts again. :func:`generate_cached` keeps one folder per
+set of parameters and makes each appear whole, so concurrent runs never see a partial set.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..atomic import atomic_write_bytes
+from ..locking import hold_lock
 
 MARKER_NAME = "lomt_synthetic.json"
 
@@ -81,3 +84,30 @@ def mark_generated(root: Path, params: dict[str, Any]) -> None:
     """Record that ``root`` now holds data generated with ``params``; written last, so a
     generation that was interrupted is redone next time."""
     atomic_write_bytes(json.dumps(params, indent=2, sort_keys=True).encode(), root / MARKER_NAME)
+
+
+def generate_cached(name: str, make: Callable[..., Path], **params: Any) -> Path:
+    """The synthetic dataset ``make(root, **params)`` in its own cache folder, generated once.
+
+    The folder is :func:`synthetic_root` ``(name, **params)`` (so every generation parameter
+    keys it). Generation runs under a lock, into a temporary folder that is renamed into place
+    when complete: a concurrent reader finds the whole set or waits for it, never a partial one.
+    A temporary folder left by a killed generator is removed by the next one.
+    """
+    root = synthetic_root(name, **params)
+    with hold_lock(root.with_name(f".{root.name}.lock"), wait=True, purpose=f"synthetic data {root}"):
+        if not (root / MARKER_NAME).is_file():
+            for orphan in root.parent.glob(f".{root.name}.*.tmp"):
+                shutil.rmtree(orphan, ignore_errors=True)
+            if root.exists():  # a partial set from before generation was atomic
+                shutil.rmtree(root)
+            tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.", suffix=".tmp"))
+            try:
+                make(tmp, **params)
+                tmp.chmod(0o755)  # mkdtemp's 0o700 would hide a shared cache from other users
+                tmp.rename(root)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        # A no-op check of the marker, unless the generator's version changed since.
+        return make(root, **params)

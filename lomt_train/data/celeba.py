@@ -44,6 +44,7 @@ from .files import (
     read_mask_png,
     require_dir,
     require_file,
+    require_size,
 )
 from .tasks import check_tasks
 from .transforms import as_size, prepare_sample
@@ -223,9 +224,12 @@ class CelebAMaskHQDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         n = self.ids[index]
-        raw = {"image": read_image(self.root / IMAGE_DIR / f"{n}.jpg")}
+        image_path = self.root / IMAGE_DIR / f"{n}.jpg"
+        raw = {"image": read_image(image_path)}
         if "seg" in self.tasks:
-            raw["seg"] = self.mask3(n)
+            # The release's masks are half its images' size; the synthetic set's are the same size.
+            masks = part_mask_path(self.root, n, "*")
+            raw["seg"] = require_size(masks, self.mask3(n), raw["image"], image_path, factors=(1, 2))
         sample: dict[str, Any] = prepare_sample(raw, self.image_size, self.augment)
         row = self._attributes[n]
         for task in self.tasks:

@@ -79,6 +79,34 @@ def encode_image(array: np.ndarray, format: str) -> bytes:
     return buffer.getvalue()
 
 
+def require_size(
+    path: Path, target: Tensor, image: Tensor, image_path: Path, factors: tuple[int, ...] = (1,)
+) -> Tensor:
+    """Return ``target`` (``[..., h, w]``) if ``(h, w)`` is ``image``'s ``[..., H, W]`` divided
+    by one of ``factors``, else :class:`CorruptFileError` naming ``path``: a map of another size
+    would be resized onto the image and trained on, misaligned."""
+    (h, w), (H, W) = target.shape[-2:], image.shape[-2:]
+    if not any(h * f == H and w * f == W for f in factors):
+        allowed = " or ".join(f"{H // f}x{W // f}" for f in factors)
+        raise CorruptFileError(f"{path}: its size {h}x{w} does not match its image {image_path} ({allowed} expected)")
+    return target
+
+
+def read_split_ids(path: Path) -> list[str]:
+    """The ids of a split file, one per line (blank lines skipped). An id is a plain file name:
+    one holding a path separator or ``..`` is a :class:`CorruptFileError` naming the line, since
+    it would read files outside the dataset folder."""
+    ids = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        item = line.strip()
+        if not item:
+            continue
+        if "/" in item or "\\" in item or ".." in item:
+            raise CorruptFileError(f"{path}, line {number}: id {item!r} is not a plain name (no '/', '\\' or '..')")
+        ids.append(item)
+    return ids
+
+
 def read_npy(path: Path) -> np.ndarray:
     """A ``.npy`` array, or :class:`CorruptFileError` naming the file."""
     if not path.is_file():

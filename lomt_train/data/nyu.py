@@ -20,7 +20,9 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .class_names import NYU13_CLASS_NAMES, NYU40_CLASS_NAMES
-from .files import CorruptFileError, DatasetLayoutError, read_image, read_label_png, read_npy, require_dir
+from .files import (
+    CorruptFileError, DatasetLayoutError, read_image, read_label_png, read_npy, read_split_ids, require_dir, require_size,
+)
 from .tasks import NYU_TASKS, check_tasks
 from .transforms import as_size, prepare_sample
 
@@ -182,7 +184,7 @@ def _split_ids(root: Path, layout: str, split: str) -> tuple[Path, list[str]]:
         if not split_file.is_file():
             have = sorted(p.stem for p in sets.glob("*.txt"))
             raise DatasetLayoutError(f"no split {split!r}: missing {split_file}; available splits: {have}\n{tree}")
-        ids = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
+        ids = read_split_ids(split_file)
         where = split_file
         base = root
     else:
@@ -242,17 +244,21 @@ class NYUv2Dataset(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def _read(self, key: str, item: str) -> Tensor:
+    def _read(self, key: str, item: str) -> tuple[Path, Tensor]:
         source = self._sources[key]
         candidates = [self._base / source.folder / f"{item}{suffix}" for suffix in source.suffixes]
         for path in candidates:
             if path.is_file():
-                return source.read(path)
+                return path, source.read(path)
         raise FileNotFoundError(f"missing file {' or '.join(map(str, candidates))} for id {item!r}")
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.ids[index]
-        raw = {key: self._read(key, item) for key in self._sources}
+        image_path, image = self._read("image", item)
+        raw = {"image": image}
+        for key in self.tasks:
+            path, target = self._read(key, item)
+            raw[key] = require_size(path, target, image, image_path)
         sample: dict[str, Any] = prepare_sample(raw, self.image_size, self.augment)
         sample["index"] = index
         return sample

@@ -1,0 +1,73 @@
+"""--resume continues a run only with its own options, and says when there is nothing to do."""
+
+import dataclasses
+
+import pytest
+
+from lomt_train.checkpoint import atomic_save, load_checkpoint
+from lomt_train.cli import main
+from lomt_train.trainer import run_dir_for, train
+
+from test_trainer import _config
+
+
+@pytest.fixture
+def stopped(tmp_path):
+    """A run stopped after its first of two epochs."""
+    config = _config(tmp_path, dataset="nyu", tasks=["seg"], epochs=2)
+    assert train(config, progress=False, stop_after=1) is None
+    return config
+
+
+def test_other_options_are_refused_naming_each_key(stopped):
+    changed = dataclasses.replace(stopped, lr=0.1, epochs=30)
+    with pytest.raises(ValueError, match=r"differ from .*config\.json: epochs 30 \(saved 2\), lr 0\.1 \(saved 0\.002\)"):
+        train(changed, progress=False, resume=True)
+
+
+def test_paths_are_compared_resolved(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = _config(tmp_path, dataset="nyu", tasks=["seg"], epochs=2, out="relrun")
+    train(config, progress=False, stop_after=1)
+    result = train(dataclasses.replace(config, out="./relrun"), progress=False, resume=True)
+    assert [row["epoch"] for row in result.history] == [1, 2]
+
+
+def test_without_config_json_the_checkpoint_holds_the_options(stopped):
+    run = run_dir_for(stopped)
+    (run / "config.json").unlink()
+    with pytest.raises(ValueError, match=r"differ from .*last\.pt: lr 0\.1 \(saved 0\.002\)"):
+        train(dataclasses.replace(stopped, lr=0.1), progress=False, resume=True)
+    ckpt = load_checkpoint(run / "last.pt")
+    del ckpt["config"]  # as a checkpoint that records no options
+    atomic_save(ckpt, run / "last.pt")
+    with pytest.raises(ValueError, match="options are unknown and it cannot be resumed"):
+        train(stopped, progress=False, resume=True)
+
+
+def test_orphan_temporary_files_are_removed_on_the_next_start(stopped):
+    run = run_dir_for(stopped)
+    orphans = [run / ".last.pt.k1ll3d.tmp", run / ".history.csv.tmp"]
+    for orphan in orphans:
+        orphan.write_bytes(b"\0" * 1000)  # a write cut short by SIGKILL
+    train(stopped, progress=False, resume=True)
+    assert not any(orphan.exists() for orphan in orphans)
+    assert not list(run.glob(".*.tmp"))
+
+
+def test_a_finished_run_says_so_and_still_checks_the_options(tmp_path, capsys):
+    out = tmp_path / "runs"
+    flags = [
+        "nyu", "--tasks", "seg", "--synthetic", "--backend", "torch", "--image-size", "32", "--batch-size", "4",
+        "--epochs", "1", "--aspp-channels", "8", "--synthetic-images", "8", "--device", "cpu", "--no-progress",
+        "--out", str(out),
+    ]
+    assert main(flags) == 0
+    (results,) = out.rglob("results.json")
+    before = results.read_bytes()
+    capsys.readouterr()
+    assert main([*flags, "--resume"]) == 0
+    assert f"{results.parent} is finished (results.json): nothing to resume" in capsys.readouterr().out
+    assert main([*flags, "--resume", "--epochs", "30", "--lr", "0.1"]) == 2
+    assert "epochs 30 (saved 1), lr 0.1 (saved 0.002)" in capsys.readouterr().err
+    assert results.read_bytes() == before
