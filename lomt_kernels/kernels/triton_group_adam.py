@@ -173,10 +173,17 @@ def _group_sum(x):
 
 
 @triton.jit
+def _is_finite(x):
+    """Neither NaN nor infinite."""
+    return tl.abs(x) < float("inf")
+
+
+@triton.jit
 def _group_shrink(z, sum_sq, tau):
-    """The group-lasso prox ``max(0, 1 - tau/||z_G||) z``; ``sum_sq`` broadcasts ``||z_G||^2``."""
+    """The group-lasso prox ``max(0, 1 - tau/||z_G||) z``; ``sum_sq`` broadcasts ``||z_G||^2``.
+    A group whose norm is not finite passes through."""
     norm = tl.sqrt_rn(sum_sq)
-    return tl.where(norm > tau, z * (1 - tau / norm), 0.0)
+    return tl.where(_is_finite(norm), tl.where(norm > tau, z * (1 - tau / norm), 0.0), z)
 
 
 @triton.jit
@@ -202,9 +209,18 @@ def _newton_step(theta, phi, sum_dq):
 
 
 @triton.jit
+def _weighted_passed_through(sum_dz2, sum_dz2_d):
+    """The groups whose ``||D z||^2`` or ``sum (dz)^2 d`` is not finite: their ``theta`` is set
+    to infinity, which :func:`_weighted_shrink` takes as ``x = z``."""
+    return ~(_is_finite(sum_dz2) & _is_finite(sum_dz2_d))
+
+
+@triton.jit
 def _weighted_shrink(z, d, theta, tau):
-    """``x_j = d_j theta z_j / (d_j theta + tau)`` (zero for ``theta == 0``); identity at ``tau == 0``."""
-    return tl.where(tau > 0, d * theta * z / (d * theta + tau), z)
+    """``x_j = d_j theta z_j / (d_j theta + tau)`` (zero for ``theta == 0``); ``z`` for
+    ``theta == inf`` (the limit: a group passed through) and at ``tau == 0``."""
+    x = tl.where(tau > 0, d * theta * z / (d * theta + tau), z)
+    return tl.where(theta < float("inf"), x, z)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -246,7 +262,7 @@ def _adam_prox_kernel(
         g = -g
     if DECOUPLED:
         x = x * (1 - lr * weight_decay)
-    else:
+    elif weight_decay != 0:  # as Adam: 0 * x would make g NaN where x is not finite
         g = g + weight_decay * x
     m = m + beta1c * (g - m)  # torch.lerp(m, g, 1 - beta1) for 1 - beta1 < 0.5
     v = v * beta2 + beta2c * g * g
@@ -257,7 +273,8 @@ def _adam_prox_kernel(
     z = tl.where(mask, x - step_size * m / d, 0.0)
 
     if PROX == _L1:
-        z = tl.where(z >= 0, 1.0, -1.0) * tl.maximum(tl.abs(z) - lr * lambda_, 0.0)
+        shrunk = tl.where(z >= 0, 1.0, -1.0) * tl.maximum(tl.abs(z) - lr * lambda_, 0.0)
+        z = tl.where(_is_finite(z), shrunk, z)  # tl.maximum would turn a NaN into 0
     elif PROX == _GROUP:
         tau = _tau(row, lr, lambda_)
         if ONE_PASS:
@@ -270,9 +287,11 @@ def _adam_prox_kernel(
         if ONE_PASS:
             dz2 = d * z * d * z
             sum_dz2 = _group_sum(dz2)
-            active = tl.sqrt_rn(sum_dz2) > tau
+            sum_dz2_d = _group_sum(dz2 * d)
+            passed = _weighted_passed_through(sum_dz2, sum_dz2_d)
+            active = ~passed & (tl.sqrt_rn(sum_dz2) > tau)
             a = tau / d
-            theta = tl.where(active, _first_newton_step(sum_dz2, _group_sum(dz2 * d), tau), 0.0)
+            theta = tl.where(active, _first_newton_step(sum_dz2, sum_dz2_d, tau), 0.0)
             q2, dq = _newton_terms(z, a, theta[None, :, None])
             phi = tl.rsqrt(_group_sum(q2))
             sum_dq = _group_sum(dq)
@@ -283,6 +302,7 @@ def _adam_prox_kernel(
                 phi = tl.rsqrt(_group_sum(q2))
                 sum_dq = _group_sum(dq)
                 it += 1
+            theta = tl.where(passed, float("inf"), theta)
             z = _weighted_shrink(z, d, theta[None, :, None], tau)
     tl.store(p_ptr + offs, z.to(P_DTYPE), mask=mask)
 
@@ -327,7 +347,7 @@ def _weighted_solve_kernel(
     each group's ``theta = ||x_G||`` by streaming their ``z`` (in ``p`` after phase 1) and ``v``:
     once for ``||D z||`` and the first Newton step, then once per Newton iteration, until every
     group of the block has converged (as the one-pass kernel). Writes ``theta`` (0 for a zeroed
-    group) to ``stats``."""
+    group, infinity for one passed through) to ``stats``."""
     pid = tl.program_id(0)
     t = tl.load(block_tensor_ptr + pid)
     row = meta_ptr + t * _META_FIELDS
@@ -341,7 +361,8 @@ def _weighted_solve_kernel(
     sum_dz2, sum_dz2_d = _group_newton_sums(
         row, tb, p_ptr, v_ptr, theta, tau, sqrt_bc2, eps, True, BLOCK_A, BLOCK_G, BLOCK_K
     )
-    active = tl.sqrt_rn(sum_dz2) > tau
+    passed = _weighted_passed_through(sum_dz2, sum_dz2_d)
+    active = ~passed & (tl.sqrt_rn(sum_dz2) > tau)
     theta = tl.where(active, _first_newton_step(sum_dz2, sum_dz2_d, tau), 0.0)
     sum_q2, sum_dq = _group_newton_sums(
         row, tb, p_ptr, v_ptr, theta, tau, sqrt_bc2, eps, False, BLOCK_A, BLOCK_G, BLOCK_K
@@ -355,6 +376,7 @@ def _weighted_solve_kernel(
         )
         phi = tl.rsqrt(sum_q2)
         it += 1
+    theta = tl.where(passed, float("inf"), theta)
     b = tb * BLOCK_G + tl.arange(0, BLOCK_G)
     tl.store(stats_ptr + tl.load(row + _FIRST_GROUP) + b, theta, mask=b < tl.load(row + _B))
 
