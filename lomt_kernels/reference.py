@@ -28,10 +28,11 @@ and then ``p = prox(z)`` group by group (see :mod:`lomt_kernels.grouping`), with
 ``z`` through unchanged, as plain Adam (``none``) would leave it. For ``group`` that is a group
 whose :math:`\|z_G\|` is not finite; for ``group_weighted`` a group whose :math:`\|D z_G\|`
 or :math:`\sum_j d_j^3 z_j^2` is not finite; for ``l1`` an element whose ``z`` is not finite.
-Any NaN or inf in ``z_G`` (or in ``d_G``) makes these sums non-finite, as does their overflow.
-So a NaN gradient element gives one NaN element, as in :class:`torch.optim.Adam`, never a
-group of exact zeros that would read as sparsity; finite groups are unaffected. Passing such a
-group through is also the prox's limit as its norm grows: the shrink factor tends to 1.
+Any NaN or inf in ``z_G`` (for ``group_weighted``, or in ``d_G``) makes these sums non-finite,
+as does their overflow. So a NaN gradient element gives one NaN element, as in
+:class:`torch.optim.Adam`, never a group of exact zeros that would read as sparsity; finite
+groups are unaffected. Passing such a group through is also the prox's limit as its norm
+grows: the shrink factor tends to 1.
 
 The group proxes need each group's sums (its norm, and the weighted prox's Newton sums). When a
 tensor is one shard of a bigger one whose groups span shards (an FSDP2 ``Shard(0)`` weight
