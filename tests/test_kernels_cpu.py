@@ -351,13 +351,14 @@ NONFINITE_CASES = ("nan_grad", "inf_grad", "inf_param", "zero_grads_eps0")
 
 
 def poison(case: str, params: list[Tensor], grads: list[list[Tensor]], grouping: str) -> dict:
-    """Makes one group of the 3x3 conv non-finite, in place: group 5 for in-channel groups (summed
-    in registers in pass 1, in a vector shared with finite groups), group 3 for out-channel ones.
-    A NaN or inf gradient element, or an inf param element, in the first step (the NaN stays in
-    the moments); or zero gradients at every step with eps = 0 (Adam's z is 0/0), with decoupled
-    weight decay so that they stay zero. Returns the hyperparameters to override."""
-    group = {"in_channel": 5, "out_channel": 3}[grouping]
-    index = (3, 5, 1, 1) if grouping == "in_channel" else (group, 5, 1, 1)
+    """Makes one group of the 3x3 conv non-finite, in place: the group of its element
+    ``[3, 5, 1, 1]``, in-channel group 5 (summed in registers in pass 1, in a vector shared with
+    finite groups) or out-channel group 3. A NaN or inf gradient element, or an inf param
+    element, in the first step (the NaN stays in the moments); or zero gradients at every step
+    with eps = 0 (Adam's z is 0/0), with decoupled weight decay so that they stay zero. Returns
+    the hyperparameters to override."""
+    index = (3, 5, 1, 1)
+    group = index[group_dim(grouping)]
     if case == "nan_grad":
         grads[0][0][index] = float("nan")
     elif case == "inf_grad":
