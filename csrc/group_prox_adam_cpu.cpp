@@ -23,6 +23,12 @@
 // with tau = lr lambda sqrt(n_G). A tensor's storage is read as a dense [A, B, K] array whose
 // group b is [:, b, :] (group_layout below, lomt_kernels.grouping.GroupLayout), so n_G = A K.
 //
+// Non-finite values (the reference's rule): a prox acts only where its statistics are finite. A
+// group whose ||z_G|| ("group"), or ||D z_G||^2 or sum_j d_j^3 z_j^2 ("group_weighted"), is NaN or
+// inf, and an element whose z is ("l1"), is passed through, p = z, as plain Adam leaves it: a NaN
+// never turns into exact zeros, which would read as sparsity. The test is on the group sums that
+// the prox computes anyway.
+//
 // Memory order. Measured on the 2-core Zen 4 machine this was tuned on: the cores stream memory
 // in address order at 45-70 GB/s together (it varies with the host's load), which
 // torch.optim.Adam(fused=True) already uses, while a strided pattern (a column tile of a
@@ -610,7 +616,7 @@ class GroupProx {
     T* scale = groups_.data() + nb_;
     for (int64_t b = 0; b < nb_; ++b) {
       const T norm = std::sqrt(sum_sq[b]);
-      scale[b] = norm > tau_ ? T(1) - tau_ / norm : T(0);
+      scale[b] = !std::isfinite(norm) ? T(1) : norm > tau_ ? T(1) - tau_ / norm : T(0);
     }
     over_rows<0>(0, 0, {}, [&](const Block<S>& blk, T* lanes, std::array<T*, 0>) {
       T* const zs = z;
@@ -667,14 +673,17 @@ class GroupProx {
       });
     });
     // The first Newton step, from 0, for every active group (||D z|| > tau); the zeroed groups
-    // keep theta = 0. It is the last where 1 - phi(0) <= rtol: phi rises from phi(0) to at most 1
-    // at the step (see newton_step), so 1 - phi stays within rtol.
+    // keep theta = 0, and the groups whose sums are not finite, passed through, take theta = inf
+    // (x = z, the limit of the shrink). It is the last where 1 - phi(0) <= rtol: phi rises from
+    // phi(0) to at most 1 at the step (see newton_step), so 1 - phi stays within rtol.
     int64_t moved = 0;
     for (int64_t b = 0; b < nb_; ++b) {
       const T dz_norm = std::sqrt(s1[b]);
       theta[b] = T(0);
       in_flight[b] = 0;
-      if (dz_norm > tau_) {
+      if (!std::isfinite(s1[b]) || !std::isfinite(s2[b])) {
+        theta[b] = std::numeric_limits<T>::infinity();
+      } else if (dz_norm > tau_) {
         theta[b] = s1[b] * (dz_norm - tau_) / s2[b];
         if (T(1) - tau_ / dz_norm > kRtol) {
           in_flight[b] = 1;
@@ -706,12 +715,12 @@ class GroupProx {
       }
     }
 
-    // x_j = theta z_j d_j / (theta d_j + tau), and exactly zero for the groups left at theta = 0
-    // (as the reference, even where z is not finite). A vector of such lanes only is stored
-    // without reading z or d: on the ResNet-50 set 91% of the large 3x3 convs' groups are zero.
+    // x_j = theta z_j d_j / (theta d_j + tau), exactly zero for the groups left at theta = 0 and
+    // z_j for those at theta = inf. A vector of zero lanes only is stored without reading z or d:
+    // on the ResNet-50 set 91% of the large 3x3 convs' groups are zero.
     over_rows<0>(0, 0, {}, [&](const Block<S>& blk, T* lanes, std::array<T*, 0>) {
       const AdamConstants<T> c = c_;
-      const Vec tau(tau_), zero(T(0));
+      const Vec tau(tau_), zero(T(0)), infinity(std::numeric_limits<T>::infinity());
       T* const zs = z;
       T* const ds = d;
       blk.expand(theta, 0, nb_, lanes);
@@ -722,8 +731,9 @@ class GroupProx {
           return;
         }
         auto dv = d_at<kRecomputeD>(c, ds, r, j, count);
-        auto x = Vec::loadu(z_at(zs, r, j), count) * th * (dv / at::vec::fmadd(th, dv, tau));
-        store(r.p + j, x & (th > zero), count);
+        auto zv = Vec::loadu(z_at(zs, r, j), count);
+        auto x = zv * th * (dv / at::vec::fmadd(th, dv, tau));
+        store(r.p + j, Vec::blendv(x & (th > zero), zv, th == infinity), count);
       });
     });
   }

@@ -1,7 +1,9 @@
 // The "cuda" backend: the proximal Adam step fused into one pass, per tensor.
 //
 // Same maths as lomt_kernels/reference.py (see lomt_kernels/kernels/triton_group_adam.py for the
-// formulas), float32 arithmetic whatever the storage dtype. A tensor's storage is read as
+// formulas), float32 arithmetic whatever the storage dtype, and the same rule for non-finite
+// values: a group whose sums (||z||^2; ||D z||^2 and sum (d z)^2 d) are not finite, and for "l1"
+// an element whose z is not, is passed through (p = z). A tensor's storage is read as
 // [A, B, K] with group b at [:, b, :] (lomt_kernels/grouping.py).
 //
 // Tiles. A block of kThreads threads owns a tile: `na` rows a of `nb` neighbouring groups, i.e.
@@ -140,7 +142,7 @@ __device__ __forceinline__ float adam_update(T* p, const T* g, T* m, T* v, int64
   if (h.maximize) gr = -gr;
   if (h.decoupled) {
     x *= h.decay;
-  } else {
+  } else if (h.weight_decay != 0.f) {  // as Adam: 0 * x would make gr NaN where x is not finite
     gr += h.weight_decay * x;
   }
   float mm = static_cast<float>(m[i]);
@@ -153,18 +155,21 @@ __device__ __forceinline__ float adam_update(T* p, const T* g, T* m, T* v, int64
   return x - h.step_size * mm / d;
 }
 
+// A non-finite z passes through (fmaxf would turn a NaN into 0).
 __device__ __forceinline__ float soft_threshold(float z, float threshold) {
-  return copysignf(fmaxf(fabsf(z) - threshold, 0.f), z);
+  return isfinite(z) ? copysignf(fmaxf(fabsf(z) - threshold, 0.f), z) : z;
 }
 
 __device__ __forceinline__ float group_shrink(float z, float sum_sq, float tau) {
   const float norm = sqrtf(sum_sq);
+  if (!isfinite(norm)) return z;
   return norm > tau ? z * (1.f - tau / norm) : 0.f;
 }
 
-// x_j = d_j theta z_j / (d_j theta + tau); zero for theta == 0, identity at tau == 0.
+// x_j = d_j theta z_j / (d_j theta + tau); zero for theta == 0, z for theta == inf (a group
+// passed through, the limit) and at tau == 0.
 __device__ __forceinline__ float weighted_shrink(float z, float d, float theta, float tau) {
-  return tau > 0.f ? d * theta * z / (d * theta + tau) : z;
+  return tau > 0.f && !isinf(theta) ? d * theta * z / (d * theta + tau) : z;
 }
 
 // The summands of phi(theta)^-2 and of -phi'(theta)/phi^3 for one element, a = tau / d.
@@ -174,13 +179,16 @@ __device__ __forceinline__ float2 newton_terms(float z, float d, float theta, fl
   return make_float2(q * q, q * q / r);
 }
 
-// theta = ||x|| for the weighted prox of an active group, from norms = (||D z||^2,
-// sum (d z)^2 d) with ||D z|| > tau: Newton on phi(theta) = 1 from 0, the first step in closed
-// form, clamped at 0, stopped at 1 - phi <= kRtol or kMaxIter steps (as
-// reference.weighted_group_prox). sums(theta) returns the group's sums of newton_terms, the
-// same in every participating thread, so all of them take the same branches.
+// theta = ||x|| for the weighted prox of a group, from norms = (||D z||^2, sum (d z)^2 d):
+// infinity if either is not finite (the group passes through), 0 if ||D z|| <= tau, else Newton
+// on phi(theta) = 1 from 0, the first step in closed form, clamped at 0, stopped at
+// 1 - phi <= kRtol or kMaxIter steps (as reference.weighted_group_prox). sums(theta) returns the
+// group's sums of newton_terms; it and norms are the same in every participating thread, so all
+// of them take the same branches.
 template <typename Sums>
-__device__ float newton_theta(Sums sums, float2 norms, float tau) {
+__device__ float weighted_theta(Sums sums, float2 norms, float tau) {
+  if (!isfinite(norms.x) || !isfinite(norms.y)) return INFINITY;
+  if (!(sqrtf(norms.x) > tau)) return 0.f;
   float theta = norms.x * (sqrtf(norms.x) - tau) / norms.y;
   for (int it = 1; it < kMaxIter; ++it) {
     const float2 s = sums(theta);
@@ -251,20 +259,17 @@ __global__ void __launch_bounds__(kThreads)
         norms.y += dz * dz * d;
       }
       norms = warp_sum(norms);
-      float theta = 0.f;
-      if (sqrtf(norms.x) > h.tau) {
-        theta = newton_theta(
-            [&](float th) {
-              float2 s = make_float2(0.f, 0.f);
-              for (int64_t j = lane; j < group_elems; j += 32) {
-                const float2 t = newton_terms(z_tile[at(j)], d_tile[at(j)], th, h.tau);
-                s.x += t.x;
-                s.y += t.y;
-              }
-              return warp_sum(s);
-            },
-            norms, h.tau);
-      }
+      const float theta = weighted_theta(
+          [&](float th) {
+            float2 s = make_float2(0.f, 0.f);
+            for (int64_t j = lane; j < group_elems; j += 32) {
+              const float2 t = newton_terms(z_tile[at(j)], d_tile[at(j)], th, h.tau);
+              s.x += t.x;
+              s.y += t.y;
+            }
+            return warp_sum(s);
+          },
+          norms, h.tau);
       if (lane == 0) group_stat[slot] = theta;
     }
   }
@@ -281,7 +286,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Two-phase "group_weighted": one block per group finds theta (0 for a zeroed group) from z
+// Two-phase "group_weighted": one block per group finds theta (weighted_theta) from z
 // (in p after phase 1) and v, streaming the group once for the norms and once per iteration.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
@@ -297,21 +302,18 @@ __global__ void __launch_bounds__(kThreads)
     norms.y += dz * dz * d;
   }
   norms = block_sum(norms);
-  float theta = 0.f;
-  if (sqrtf(norms.x) > h.tau) {
-    theta = newton_theta(
-        [&](float th) {
-          float2 s = make_float2(0.f, 0.f);
-          for (int64_t j = threadIdx.x; j < n; j += kThreads) {
-            const int64_t i = at(j);
-            const float2 t = newton_terms(static_cast<float>(p[i]), d_at(i), th, h.tau);
-            s.x += t.x;
-            s.y += t.y;
-          }
-          return block_sum(s);
-        },
-        norms, h.tau);
-  }
+  const float theta = weighted_theta(
+      [&](float th) {
+        float2 s = make_float2(0.f, 0.f);
+        for (int64_t j = threadIdx.x; j < n; j += kThreads) {
+          const int64_t i = at(j);
+          const float2 t = newton_terms(static_cast<float>(p[i]), d_at(i), th, h.tau);
+          s.x += t.x;
+          s.y += t.y;
+        }
+        return block_sum(s);
+      },
+      norms, h.tau);
   if (threadIdx.x == 0) group_stats[b] = theta;
 }
 

@@ -141,6 +141,15 @@ class FusedGroupProxAdam(Optimizer):
     weight) or output channels (``"out_channel"``: ``W[n]``). Tensors with fewer than two
     dimensions always take the plain Adam step.
 
+    Non-finite values, on every backend: the prox acts only where its statistics are finite.
+    A group whose :math:`\|z_G\|` (``"group"``), or :math:`\|D z_G\|` or
+    :math:`\sum_j d_j^3 z_j^2` (``"group_weighted"``, :math:`D = \mathrm{diag}(d_G)`), is NaN
+    or infinite, and for ``"l1"`` an element whose ``z`` is, is passed through: ``p_G = z_G``,
+    what plain Adam gives. A NaN or inf anywhere in ``z_G`` (or, for the weighted prox, in
+    ``d_G``) makes these so, as does an overflow of the sums. So a NaN gradient element leaves
+    one NaN element, as in :class:`torch.optim.Adam`, and is never turned into exact zeros that
+    would read as sparsity; finite groups are unaffected.
+
     Args:
         params: tensors or param-group dicts; a group may override every keyword below.
         lr, betas, eps, weight_decay: as :class:`torch.optim.Adam`.

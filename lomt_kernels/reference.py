@@ -24,6 +24,16 @@ and then ``p = prox(z)`` group by group (see :mod:`lomt_kernels.grouping`), with
 * ``l1``: :math:`p = \mathrm{sign}(z)\max(|z| - \mathrm{lr}\,\lambda, 0)`;
 * ``none`` (or ``lambda_ == 0``, or a tensor with fewer than two dims): ``p = z``.
 
+**Non-finite values.** A prox acts only where its statistics are finite; elsewhere it passes
+``z`` through unchanged, as plain Adam (``none``) would leave it. For ``group`` that is a group
+whose :math:`\|z_G\|` is not finite; for ``group_weighted`` a group whose :math:`\|D z_G\|`
+or :math:`\sum_j d_j^3 z_j^2` is not finite; for ``l1`` an element whose ``z`` is not finite.
+Any NaN or inf in ``z_G`` (for ``group_weighted``, or in ``d_G``) makes these sums non-finite,
+as does their overflow. So a NaN gradient element gives one NaN element, as in
+:class:`torch.optim.Adam`, never a group of exact zeros that would read as sparsity; finite
+groups are unaffected. Passing such a group through is also the prox's limit as its norm
+grows: the shrink factor tends to 1.
+
 The group proxes need each group's sums (its norm, and the weighted prox's Newton sums). When a
 tensor is one shard of a bigger one whose groups span shards (an FSDP2 ``Shard(0)`` weight
 grouped by input channel), a ``reduce`` hook sums those per-group partial sums across the
@@ -72,11 +82,14 @@ def _group_sums(*terms: Tensor, reduce: GroupReduce | None) -> tuple[Tensor, ...
 def group_shrink(z: Tensor, tau: float, grouping: str, *, reduce: GroupReduce | None = None) -> Tensor:
     r"""The group-lasso prox :math:`\max(0, 1 - \tau/\|z_G\|)\, z_G` for every group of ``z``.
 
+    A group whose :math:`\|z_G\|` is not finite (a NaN or inf in it, or an overflowing sum of
+    squares) is returned unchanged, the limit of the shrink as the norm grows.
     ``reduce`` sums the groups' squared norms across shards (see :data:`GroupReduce`).
     """
     rows = as_groups(z, grouping)
     (norm,) = _group_norms(rows, reduce=reduce)
     scale = torch.where(norm > tau, 1 - tau / norm.clamp_min(torch.finfo(z.dtype).tiny), 0)
+    scale = torch.where(norm.isfinite(), scale, 1)
     return from_groups(rows * scale, z, grouping)
 
 
@@ -112,6 +125,11 @@ def weighted_group_prox(
     the identity. Every iterate after it is positive, so the sums stay well scaled.
     ``tau == 0`` is the identity (``lr == 0``, as in a warm-up's first step).
 
+    A group whose :math:`\|Dz\|^2` or :math:`\sum_j d_j^3 z_j^2` is not finite is returned
+    unchanged (``x = z``, the limit :math:`\theta \to \infty` of the formula above): any NaN or
+    inf in its ``z`` or ``d`` makes them so. When both are finite, so are ``z`` and ``d``
+    (``d_j = 0`` arises only with ``eps == 0`` and ``v_j = 0``, where Adam's ``z_j`` is NaN or inf).
+
     ``reduce`` sums the per-group sums across shards (see :data:`GroupReduce`): one reduction
     for ``(||Dz||^2, sum_j d_j^3 z_j^2)``, then one per Newton iteration for the two sums
     :math:`\sum_j z_j^2/(\theta + a_j)^2` and :math:`\sum_j z_j^2/(\theta + a_j)^3`. Every
@@ -126,8 +144,9 @@ def weighted_group_prox(
     dz2 = (zr * dr).square()
     dz_sq, dz_sq_d = _group_sums(dz2, dz2 * dr, reduce=reduce)
     dz_norm = dz_sq.sqrt()
-    active = dz_norm.squeeze(1) > tau
-    out = torch.zeros_like(zr)
+    finite = (dz_sq.isfinite() & dz_sq_d.isfinite()).squeeze(1)
+    active = finite & (dz_norm.squeeze(1) > tau)
+    out = zr.masked_fill(finite[:, None], 0)  # zero groups, and the non-finite ones unchanged
     if active.any():
         za, da = zr[active], dr[active]
         a = tau / da
@@ -146,7 +165,8 @@ def weighted_group_prox(
 
 
 def l1_shrink(z: Tensor, threshold: float) -> Tensor:
-    """Soft thresholding, element by element."""
+    """Soft thresholding, element by element. A non-finite ``z`` comes out unchanged: NaN
+    propagates through every op here, and ``sign(±inf) (inf - threshold) = ±inf``."""
     return z.sign() * (z.abs() - threshold).clamp_min(0)
 
 

@@ -63,7 +63,7 @@ def _placement(name: str, ndim: int):
 
 
 def _assert_close(actual: torch.Tensor, expected: torch.Tensor, grouping: str, msg: str) -> None:
-    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL, msg=msg)
+    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL, equal_nan=True, msg=msg)
     if actual.dim() >= 2:
         zero = lambda t: (as_groups(t, grouping) == 0).all(dim=1)  # noqa: E731
         assert torch.equal(zero(actual), zero(expected)), f"{msg}: zero groups differ"
@@ -95,15 +95,23 @@ def _tensors() -> list[torch.Tensor]:
     return [conv, linear, row, bias]
 
 
-def _grads(step: int) -> list[torch.Tensor]:
+#: The conv gradient element made NaN in the first step of the "nan_grad" runs: in in-channel
+#: group 2 and out-channel group 1, each split across the ranks by Shard(0) or Shard(1).
+NAN_ELEMENT = (1, 2, 1, 1)
+
+
+def _grads(step: int, nan_grad: bool = False) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(100 + step)
-    return [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in _tensors()]
+    grads = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in _tensors()]
+    if nan_grad and step == 0:
+        grads[0][NAN_ELEMENT] = float("nan")
+    return grads
 
 
-def _steps(params: list[torch.Tensor], make_grad, **kwargs) -> FusedGroupProxAdam:
+def _steps(params: list[torch.Tensor], make_grad, nan_grad: bool = False, **kwargs) -> FusedGroupProxAdam:
     opt = FusedGroupProxAdam(params, lr=LR, lambda_=LAMBDA, backend="torch", **kwargs)
     for step in range(STEPS):
-        for p, g in zip(params, _grads(step)):
+        for p, g in zip(params, _grads(step, nan_grad)):
             p.grad = make_grad(g)
         opt.step()
     return opt
@@ -119,21 +127,22 @@ def _placements_worker(rank: int, init_file: str, out: str) -> None:
             shard = lambda t: distribute_tensor(t, mesh, [_placement(name, t.dim())])  # noqa: E731
             for prox in PROXES:
                 for grouping in GROUPINGS:
-                    kwargs = dict(prox=prox, grouping=grouping, weight_decay=0.1)
-                    plain = [nn.Parameter(t) for t in _tensors()]
-                    _steps(plain, lambda g: g, **kwargs)
-                    sharded = [nn.Parameter(shard(t)) for t in _tensors()]
-                    opt = _steps(sharded, shard, **kwargs)
-                    state_layout = all(
-                        isinstance(s[key], DTensor) and s[key].placements == p.placements
-                        for p, s in zip(sharded, (opt.state[p] for p in sharded))
-                        for key in ("exp_avg", "exp_avg_sq")
-                    )
-                    results[name, prox, grouping] = {
-                        "sharded": [p.full_tensor().detach() for p in sharded],
-                        "plain": [p.detach() for p in plain],
-                        "state_layout": state_layout,
-                    }
+                    for nan_grad in (False, True):
+                        kwargs = dict(prox=prox, grouping=grouping, weight_decay=0.1, nan_grad=nan_grad)
+                        plain = [nn.Parameter(t) for t in _tensors()]
+                        _steps(plain, lambda g: g, **kwargs)
+                        sharded = [nn.Parameter(shard(t)) for t in _tensors()]
+                        opt = _steps(sharded, shard, **kwargs)
+                        state_layout = all(
+                            isinstance(s[key], DTensor) and s[key].placements == p.placements
+                            for p, s in zip(sharded, (opt.state[p] for p in sharded))
+                            for key in ("exp_avg", "exp_avg_sq")
+                        )
+                        results[name, prox, grouping, nan_grad] = {
+                            "sharded": [p.full_tensor().detach() for p in sharded],
+                            "plain": [p.detach() for p in plain],
+                            "state_layout": state_layout,
+                        }
         results["partial"] = _partial_param_error(mesh)
         results["partial_grads"] = _partial_grads_run(mesh)
         if rank == 0:
@@ -181,7 +190,7 @@ def placement_results(tmp_path_factory):
 def test_sharded_steps_equal_unsharded(placement_results, placement, prox, grouping):
     """Shard(0) (FSDP2's layout) splits in-channel groups across the ranks, Shard(1) splits
     out-channel groups; the other pairings and Replicate() keep every group on one rank."""
-    result = placement_results[placement, prox, grouping]
+    result = placement_results[placement, prox, grouping, False]
     for i, (actual, expected) in enumerate(zip(result["sharded"], result["plain"])):
         _assert_close(actual, expected, grouping, f"tensor {i} {tuple(expected.shape)}")
     assert result["state_layout"], "exp_avg / exp_avg_sq are not DTensors laid out as their params"
@@ -191,6 +200,23 @@ def test_sharded_steps_equal_unsharded(placement_results, placement, prox, group
     if prox == "l1":
         flat = torch.cat([t.flatten() for t in result["plain"][:3]])
         assert 0 < int((flat == 0).sum()) < flat.numel()
+
+
+@pytest.mark.parametrize("grouping", GROUPINGS)
+@pytest.mark.parametrize("prox", PROXES)
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_sharded_nonfinite_group_equals_unsharded(placement_results, placement, prox, grouping):
+    """A NaN gradient element in a group split across the ranks: the all-reduced sums are NaN on
+    every rank, so each rank passes its part of the group through, as one process does
+    (reference.py's rule), and the other groups come out as in one process."""
+    result = placement_results[placement, prox, grouping, True]
+    for i, (actual, expected) in enumerate(zip(result["sharded"], result["plain"])):
+        _assert_close(actual, expected, grouping, f"tensor {i} {tuple(expected.shape)}")
+    conv = result["sharded"][0]
+    assert int(conv.isnan().sum()) == 1 and bool(conv[NAN_ELEMENT].isnan())
+    if prox in ("group", "group_weighted"):
+        group = conv[:, 2] if grouping == "in_channel" else conv[1]
+        assert (group != 0).all()
 
 
 # ----------------------------------------------------------------------- fully_shard models

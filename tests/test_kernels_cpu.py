@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from lomt_kernels import FusedGroupProxAdam, reference
-from lomt_kernels.grouping import GROUPINGS, PROXES, as_groups, is_grouped
+from lomt_kernels.grouping import GROUPINGS, PROXES, as_groups, from_groups, group_dim, is_grouped
 from lomt_kernels.kernels import cpu
 from lomt_kernels.kernels._extension import ExtensionUnavailable, load_extension
 
@@ -117,12 +117,15 @@ def check_zeros(actual: list[Tensor], expected: list[Tensor], prox: str, groupin
 
 def assert_all_close(actual: list[Tensor], expected: list[Tensor], *, rtol: float, atol_factor: float) -> None:
     """``|a - e| <= atol + rtol |e|`` elementwise, with ``atol = atol_factor * max|e|`` per tensor
-    (an error relative to the tensor's scale, for elements the prox has shrunk towards zero)."""
+    (an error relative to the tensor's scale, for elements the prox has shrunk towards zero;
+    the max over finite ``e``), and a NaN or inf exactly where ``e`` has one."""
     for i, (a, e) in enumerate(zip(actual, expected)):
         assert a.shape == e.shape and a.stride() == e.stride(), SHAPES[i][0]
-        if e.numel():
-            atol = atol_factor * float(e.abs().max())
-            torch.testing.assert_close(a.double(), e, rtol=rtol, atol=atol, msg=lambda m: f"{SHAPES[i][0]}: {m}")
+        finite = e[e.isfinite()]
+        if finite.numel():
+            atol = atol_factor * float(finite.abs().max())
+            torch.testing.assert_close(a.double(), e, rtol=rtol, atol=atol, equal_nan=True,
+                                       msg=lambda m: f"{SHAPES[i][0]}: {m}")
 
 
 @pytest.mark.parametrize("grouping", GROUPINGS)
@@ -343,25 +346,98 @@ def test_depthwise_conv_out_channel_groups_match_the_reference(prox: str) -> Non
     assert zeros.any() and not zeros.all()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_weighted_prox_zeroes_a_group_whose_z_is_not_finite(dtype: torch.dtype) -> None:
-    """A group with a NaN in its z has a NaN ||D z||, which is not above tau: the reference
-    returns the group as exact zeros, NaN lane included, and so must the kernel, whose vectors
-    here hold lanes of that group and of groups that stay nonzero (groups of 9 lanes)."""
-    gen = torch.Generator().manual_seed(11)
-    p = torch.randn(8, 20, 3, 3, generator=gen, dtype=dtype)
-    g = torch.randn(8, 20, 3, 3, generator=gen, dtype=dtype)
-    g[3, 5, 1, 1] = float("nan")
-    kwargs = dict(HYPER, lambda_=0.5, prox="group_weighted", grouping="in_channel")
-    results = []
-    for step in (reference.group_prox_adam, cpu.group_prox_adam):
-        params, state = [p.clone()], [[torch.zeros_like(p)], [torch.zeros_like(p)]]
-        step(params, [g], *state, [torch.tensor(1.0)], **kwargs)
-        results.append(params[0])
-    actual, expected = results
-    assert bool((expected[:, 5] == 0).all()) and bool((actual[:, 5] == 0).all())
-    assert bool((expected != 0).any())
-    torch.testing.assert_close(actual, expected, rtol=5e-6, atol=5e-6 * float(expected.abs().max()))
+#: Ways a group's z becomes non-finite (see :func:`poison`).
+NONFINITE_CASES = ("nan_grad", "inf_grad", "inf_param", "zero_grads_eps0")
+
+
+def poison(case: str, params: list[Tensor], grads: list[list[Tensor]], grouping: str) -> dict:
+    """Makes one group of the 3x3 conv non-finite, in place: the group of its element
+    ``[3, 5, 1, 1]``, in-channel group 5 (summed in registers in pass 1, in a vector shared with
+    finite groups) or out-channel group 3. A NaN or inf gradient element, or an inf param
+    element, in the first step (the NaN stays in the moments); or zero gradients at every step
+    with eps = 0 (Adam's z is 0/0), with decoupled weight decay so that they stay zero. Returns
+    the hyperparameters to override."""
+    index = (3, 5, 1, 1)
+    group = index[group_dim(grouping)]
+    if case == "nan_grad":
+        grads[0][0][index] = float("nan")
+    elif case == "inf_grad":
+        grads[0][0][index] = float("inf")
+    elif case == "inf_param":
+        params[0][index] = float("inf")
+    else:
+        for step_grads in grads:
+            step_grads[0].select(group_dim(grouping), group).zero_()
+        return dict(eps=0.0, decoupled_weight_decay=True)
+    return {}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", NONFINITE_CASES)
+@pytest.mark.parametrize("grouping", GROUPINGS)
+@pytest.mark.parametrize("prox", PROXES)
+def test_nonfinite_values_match_reference(prox: str, grouping: str, case: str, dtype: torch.dtype) -> None:
+    """The rule for non-finite values (reference.py): a group whose sums are not finite, and for
+    l1 an element whose z is not, passes through, as plain Adam leaves it: the kernel's poisoned
+    group is its own "none" run's, with NaN (or inf) where the reference has them; every other
+    group matches the reference as in the finite tests, zeros included. Same tolerances
+    throughout: the group and elementwise paths compute z with the same operations, but where
+    ATen's vectors are plain arrays (no AVX2) the compiler may fuse them into multiply-adds
+    differently in each, a few ulps apart."""
+    params, grads = make_problem()
+    overrides = poison(case, params, grads, grouping)
+    kwargs = dict(HYPER, lambda_=LAMBDAS[prox], prox=prox, grouping=grouping) | overrides
+    params, grads = [p.to(dtype) for p in params], [[g.to(dtype) for g in gs] for gs in grads]
+    expected = run(reference.group_prox_adam, [p.double() for p in params],
+                   [[g.double() for g in gs] for gs in grads], **kwargs)
+    actual = run(cpu.group_prox_adam, params, grads, **kwargs)
+    adam = run(cpu.group_prox_adam, params, grads, **(kwargs | dict(prox="none")))[0][0]
+    tolerance = dict(rtol=1e-10, atol_factor=1e-12) if dtype == torch.float64 else dict(rtol=5e-6, atol_factor=5e-6)
+    for a, e in zip(actual, expected):
+        assert_all_close(a, e, **tolerance)
+    check_zeros(actual[0], expected[0], prox, grouping)
+
+    p = actual[0][0]
+    passed = ~adam.isfinite()
+    if prox in ("group", "group_weighted"):
+        rows = as_groups(passed, grouping)
+        passed = from_groups(rows.any(dim=1, keepdim=True).expand_as(rows), p, grouping)
+    assert passed.any() and not expected[0][0][passed].isfinite().all()
+    torch.testing.assert_close(p[passed], adam[passed], rtol=tolerance["rtol"], atol=0, equal_nan=True)
+    assert torch.equal(p.isnan(), adam.isnan())
+    assert all(bool(t.isfinite().all()) for t in actual[0][1:])
+
+
+@pytest.mark.parametrize("prox", ["group", "group_weighted"])
+def test_nonfinite_group_of_a_tensor_all_threads_step(prox: str) -> None:
+    """The same rule on a float32 tensor split into row bands, whose group sums add up over the
+    bands, and where the weighted prox's later passes recompute d from v: a NaN gradient element
+    in one group and an inf in another, in the first of two steps; tolerances as in the float32
+    test above."""
+    gen = torch.Generator().manual_seed(6)
+    shape = (2100, 256, 1, 1)
+    assert math.prod(shape) >= COOPERATIVE_ELEMENTS
+    scale = torch.empty(256, dtype=torch.float64).uniform_(0.05, 1.0, generator=gen)[:, None, None]
+    p = (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).float()
+    grads = [[(0.1 * torch.randn(shape, generator=gen, dtype=torch.float64)).float()] for _ in range(2)]
+    grads[0][0][1500, 7] = float("nan")
+    grads[0][0][20, 200] = float("inf")
+    kwargs = dict(HYPER, lambda_=LAMBDAS[prox] * 20, prox=prox, grouping="in_channel")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        actual = run(cpu.group_prox_adam, [p], grads, **kwargs)
+        adam = run(cpu.group_prox_adam, [p], grads, **(kwargs | dict(prox="none")))[0][0]
+    finally:
+        torch.set_num_threads(threads)
+    expected = run(reference.group_prox_adam, [p.double()], [[g.double() for g in gs] for gs in grads], **kwargs)
+    for a, e in zip(actual, expected):
+        assert_all_close(a, e, rtol=5e-6, atol_factor=5e-6)
+    out = actual[0][0]
+    torch.testing.assert_close(out[:, [7, 200]], adam[:, [7, 200]], rtol=5e-6, atol=0, equal_nan=True)
+    assert torch.equal(out.isnan(), adam.isnan()) and int(out.isnan().sum()) == 2
+    zeros = zero_pattern(out, prox, "in_channel")
+    assert zeros.any() and not zeros.all()
 
 
 @pytest.mark.parametrize("prox", ["group", "group_weighted"])

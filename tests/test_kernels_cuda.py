@@ -17,8 +17,8 @@ from torch.utils import cpp_extension
 
 from lomt_kernels.kernels import cuda as cuda_backend
 from test_kernels_triton import (
-    GROUPINGS, OPTIONS, PROXES, SHAPES, State, assert_some_groups_zero_and_some_not, hyper, run_options,
-    run_resnet50_shapes, run_steps,
+    GROUPINGS, NONFINITE_CASES, OPTIONS, PROXES, SHAPES, State, assert_some_groups_zero_and_some_not, hyper,
+    run_nonfinite, run_options, run_resnet50_shapes, run_steps,
 )
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -69,6 +69,23 @@ def test_parity_with_reference(prox, grouping, dtype):
 @pytest.mark.parametrize("prox", ["group", "group_weighted"])
 def test_options(prox, options):
     run_options(cuda_backend.group_prox_adam, prox, options, DEVICE)
+
+
+@cuda_only
+@pytest.mark.parametrize("case", NONFINITE_CASES)
+@pytest.mark.parametrize("prox", PROXES)
+def test_nonfinite_values_match_reference(prox, case):
+    """One-pass tiles (for the group proxes), and the elementwise path of l1 and none."""
+    run_nonfinite(cuda_backend.group_prox_adam, ["conv3x3", "linear"], prox, case, DEVICE)
+
+
+@cuda_only
+@pytest.mark.parametrize("case", NONFINITE_CASES)
+@pytest.mark.parametrize("prox", ["group", "group_weighted"])
+def test_nonfinite_values_match_reference_in_two_phases(prox, case):
+    """A group too big for shared memory (a tall Linear grouped by input) made non-finite: the
+    two phases and the weighted prox's solve kernel."""
+    run_nonfinite(cuda_backend.group_prox_adam, [((20000, 24), "contiguous"), "conv3x3"], prox, case, DEVICE)
 
 
 @cuda_only

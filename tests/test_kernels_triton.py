@@ -140,12 +140,13 @@ def zero_groups(t: torch.Tensor, grouping: str) -> torch.Tensor:
 
 
 def assert_close_to_reference(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
-    """``actual`` (float32 or 16-bit) against the float64 ``expected``, with the module's tolerances."""
-    atol = ATOL_SCALE * float(expected.abs().max()) if expected.numel() else 0.0
-    rtol = RTOL[actual.dtype]
+    """``actual`` (float32 or 16-bit) against the float64 ``expected``, with the module's tolerances
+    (the scale from the finite elements), and a NaN or inf exactly where ``expected`` has one."""
+    finite = expected[expected.isfinite()]
+    atol = ATOL_SCALE * float(finite.abs().max()) if finite.numel() else 0.0
     torch.testing.assert_close(
-        actual.double(), expected.to(actual.dtype).double(), rtol=rtol, atol=atol,
-        msg=lambda message: f"{name}: {message}",
+        actual.double(), expected.to(actual.dtype).double(), rtol=RTOL[actual.dtype], atol=atol,
+        equal_nan=True, msg=lambda message: f"{name}: {message}",
     )
 
 
@@ -259,6 +260,59 @@ def multi_item(p: torch.Tensor, grouping: str) -> bool:
     layout = group_layout(p, grouping)
     tile = plan.TileShape.for_itemsize(p.element_size())
     return layout is not None and p.numel() > 0 and any(s.items(tile) > 1 for s in plan.tensor_slabs(0, layout, 1, True, tile))
+
+
+#: Ways group 2 of a tensor becomes non-finite (see :func:`run_nonfinite`).
+NONFINITE_CASES = ("nan_grad", "inf_grad", "inf_param", "zero_grads_eps0")
+
+
+def run_nonfinite(step_fn: Callable[..., None], tensors: list, prox: str, case: str, device: torch.device) -> None:
+    """:func:`run_steps` with group 2 (in-channel) of the first tensor made non-finite as ``case``
+    says: a NaN or inf gradient element, or an inf param element, in the first step (the NaN
+    stays in the moments); or zero gradients and moments with eps = 0 (Adam's z is 0/0). Each
+    step matches the reference (NaN and inf included), which passes such a group through as
+    plain Adam leaves it (reference.py): so it has NaNs (or infs) and, under a group prox, no
+    exact zeros, while the other groups are still zeroed or kept by the prox."""
+    state = State(tensors, "in_channel", torch.float32, device)
+    kwargs = hyper(prox, "in_channel")
+    group, element = (slice(None), 2), (1, 2) + (1,) * (state.params[0].dim() - 2)
+    if case == "inf_param":
+        state.params[0][element] = float("inf")
+    elif case == "zero_grads_eps0":
+        kwargs["eps"] = 0.0
+        state.exp_avgs[0][group] = 0.0
+        state.exp_avg_sqs[0][group] = 0.0
+    masks = []
+    for step in range(STEPS):
+        state.new_grads()
+        if case == "zero_grads_eps0":
+            state.grads[0][group] = 0.0
+        elif step == 0 and case in ("nan_grad", "inf_grad"):
+            state.grads[0][element] = float("nan" if case == "nan_grad" else "inf")
+        for s in state.steps:
+            s += 1
+        masks.append(check_step(step_fn, state, **kwargs))
+    poisoned = state.params[0][group]
+    assert not poisoned.isfinite().all()
+    if prox in ("group", "group_weighted"):
+        assert (poisoned != 0).all()
+        assert_some_groups_zero_and_some_not(masks)
+
+
+@pytest.mark.parametrize("case", NONFINITE_CASES)
+@pytest.mark.parametrize("prox", PROXES)
+def test_nonfinite_values_match_reference(prox, case):
+    """Slabs in one item (FUSED, for the group proxes), and the elementwise items of l1 and none."""
+    run_nonfinite(triton_backend.group_prox_adam, ["conv3x3", "linear"], prox, case, DEVICE)
+
+
+@pytest.mark.parametrize("case", NONFINITE_CASES)
+@pytest.mark.parametrize("prox", ["group", "group_weighted"])
+def test_nonfinite_values_match_reference_in_multi_item_slabs(small_items, prox, case):
+    """Slabs of several items: partial sums added across items, the weighted prox's Newton
+    passes over the slab, and the finishers."""
+    assert multi_item(torch.empty(SHAPES["conv3x3"][0]), "in_channel")
+    run_nonfinite(triton_backend.group_prox_adam, ["conv3x3", "linear"], prox, case, DEVICE)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

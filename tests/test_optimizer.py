@@ -125,6 +125,74 @@ def test_weighted_prox_with_constant_metric_is_group_shrink():
     )
 
 
+#: Ways a group's z becomes non-finite in one step; each poisons input channel 1 of the weight
+#: in test_nonfinite_values_pass_through_the_prox (whose hyperparameters it may override).
+NONFINITE_CASES = ("nan_grad", "inf_grad", "inf_param", "zero_grads_eps0")
+
+
+def _poison(case: str, w: torch.Tensor, g: torch.Tensor) -> dict:
+    """Poisons channel 1 of ``w`` or ``g`` in place, as ``case`` says; returns the overrides."""
+    if case == "nan_grad":
+        g[3, 1, 1, 1] = float("nan")
+    elif case == "inf_grad":
+        g[3, 1, 1, 1] = float("inf")  # m and v become inf, so z = p - s m/d is NaN
+    elif case == "inf_param":
+        w[3, 1, 1, 1] = float("inf")
+    else:  # m = v = 0 and d = eps = 0: Adam's z is 0/0
+        g[:, 1] = 0.0
+        return {"eps": 0.0}
+    return {}
+
+
+@pytest.mark.parametrize("case", NONFINITE_CASES)
+@pytest.mark.parametrize("prox", ["none", "group", "group_weighted", "l1"])
+def test_nonfinite_values_pass_through_the_prox(prox, case):
+    """The rule of the reference (the "torch" backend) for non-finite values: a group whose
+    statistics are not finite, and for l1 an element whose z is not, comes out as plain Adam
+    leaves it, never as exact zeros, and the other groups come out as without it.
+
+    Channel 1 is one the prox zeroes when it is finite. Two steps: the second starts from the
+    first's NaN moments, as a run that goes on would. Compared with torch.optim.Adam to the
+    tolerance of test_lambda_zero_is_adam, and with the clean run (channel 1 finite) to float64
+    rounding (the weighted prox's Newton loop runs to the slowest group of the tensor).
+    """
+    gen = torch.Generator().manual_seed(0)
+    scale = torch.logspace(-2, 0, 6, dtype=torch.float64)[:, None, None]  # channel 1: 0.025
+    w = torch.randn(8, 6, 3, 3, generator=gen, dtype=torch.float64) * scale
+    grads = [0.1 * torch.randn(8, 6, 3, 3, generator=gen, dtype=torch.float64) for _ in range(2)]
+    clean_w, clean_grads = w.clone(), [g.clone() for g in grads]
+    hyper = dict(lr=1e-2, lambda_={"group_weighted": 1.0}.get(prox, 10.0), prox=prox)
+    hyper |= _poison(case, w, grads[0])
+    if case == "zero_grads_eps0":
+        grads[1][:, 1] = 0.0
+
+    def run(cls, weight, grads, **kwargs):
+        p = nn.Parameter(weight.clone())
+        opt = cls([p], **kwargs)
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        return p.detach()
+
+    ours = run(FusedGroupProxAdam, w, grads, backend="torch", **hyper)
+    clean = run(FusedGroupProxAdam, clean_w, clean_grads, backend="torch", **hyper)
+    adam = run(torch.optim.Adam, w, grads, lr=hyper["lr"], eps=hyper.get("eps", 1e-8), foreach=False)
+    nonfinite = ~adam.isfinite()
+    if prox in ("group", "group_weighted"):
+        nonfinite = nonfinite.any(dim=(0, 2, 3), keepdim=True).expand_as(adam)
+    assert nonfinite.any() and not nonfinite[:, [0, 2, 3, 4, 5]].any()
+    torch.testing.assert_close(ours[nonfinite], adam[nonfinite], rtol=0, atol=1e-14, equal_nan=True)
+    assert ours[~nonfinite].isfinite().all()
+    if prox in ("group", "group_weighted"):
+        control = [0, 2, 3, 4, 5]
+        torch.testing.assert_close(ours[:, control], clean[:, control], rtol=1e-12, atol=0)
+        assert (clean[:, 1] == 0).all()
+        zero_channels = (ours[:, control] == 0).all(dim=(0, 2, 3))
+        assert zero_channels.any() and not zero_channels.all()
+    else:
+        torch.testing.assert_close(ours[~nonfinite], clean[~nonfinite], rtol=1e-12, atol=0)
+
+
 def test_group_views_round_trip():
     w = torch.randn(4, 3, 2, 2)
     for grouping, n in (("in_channel", 3), ("out_channel", 4)):
