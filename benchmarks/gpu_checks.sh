@@ -19,11 +19,6 @@ $python -c "import sys, torch; sys.exit(not torch.cuda.is_available())" || {
     echo "gpu_checks.sh: torch sees no CUDA device here; run it on a machine with one" >&2
     exit 2
 }
-if [ -z "${CUDA_HOME:-}" ]; then  # the toolkit, not a wrapper's folder: it must have the headers
-    for home in /usr/local/cuda "$(dirname "$(dirname "$(command -v nvcc)")")"; do
-        [ -f "$home/include/cuda_runtime_api.h" ] && export CUDA_HOME=$home && break
-    done
-fi
 # pytest-xdist, where installed, runs the many small parity tests in parallel.
 parallel=$($python -c "import xdist" 2>/dev/null && echo "-n 8")
 
@@ -39,7 +34,8 @@ stage() {  # stage NAME SECONDS COMMAND...: run COMMAND under a time limit, log 
 {
     nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv
     $python -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
-    echo "CUDA_HOME=${CUDA_HOME:-unset} TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
+    $python -c "from lomt_kernels.kernels.cuda_toolkit import find_cuda_home; print('CUDA toolkit', find_cuda_home())"
+    echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
 } 2>&1 | tee "$out/summary.log"
 
 stage cuda_build 300 $python -m lomt_kernels.kernels.cuda --compile-only &
