@@ -10,8 +10,8 @@
    (editable installs), else the copy that ``setup.py`` puts in the package (:data:`PACKAGE_CSRC`).
 
 Both the prebuilt and the cached library are named ``<name>_<key>``, where ``key`` hashes the
-sources, the flags, the torch version and the CPU (its vector ISA, and its model when the flags
-say ``-march=native``): a changed source or flag builds afresh rather than reusing a stale
+sources, the flags, the torch version and the CPU (its vector ISA, and its model and feature
+flags when the flags say ``-march=native``): a changed source or flag builds afresh rather than reusing a stale
 library, and a library built on another CPU is never loaded where it might not run.
 
 The first real compilation prints one line to stderr, so a first step that takes a minute is
@@ -97,15 +97,17 @@ def source_paths(sources: Sequence[str]) -> list[Path]:
 
 
 @functools.cache
-def _cpu_model() -> str:
-    """The CPU's model name (``-march=native`` code is for this model)."""
+def _cpu_identity() -> tuple[str, ...]:
+    """What ``-march=native`` code depends on: the CPU's model name and feature flags."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor()
+        return (platform.processor(),)
+    fields = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return (fields.get("model name", ""), fields.get("flags", fields.get("Features", "")))
 
 
 def build_key(sources: Sequence[Path], flags: Sequence[str]) -> str:
@@ -115,7 +117,7 @@ def build_key(sources: Sequence[Path], flags: Sequence[str]) -> str:
         digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
     machine = [platform.machine(), torch.backends.cpu.get_cpu_capability()]
     if "-march=native" in flags:
-        machine.append(_cpu_model())
+        machine.extend(_cpu_identity())
     for part in (*flags, torch.__version__, *machine):
         digest.update(str(part).encode() + b"\0")
     return digest.hexdigest()[:12]
