@@ -9,6 +9,9 @@
 * ``LOMT_BENCH_ROUNDS``: timed rounds per method (default 5; the slow published baseline
   takes at most 3).
 * ``LOMT_BENCH_THREADS``: ``torch.set_num_threads`` for CPU runs (default 2).
+
+A timed run ends with :func:`benchmarks.summary.ratio_table`: each fused step beside its
+unfused counterpart and fused Adam.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ import os
 import pytest
 import torch
 
+from benchmarks.baselines import MethodSpec
 from benchmarks.params import SWEEP_SIZES_M, build_set, set_names
+from benchmarks.summary import Timing, ratio_table
 
 
 def small_mode(config: pytest.Config) -> bool:
@@ -84,3 +89,36 @@ def param_set():
 
     yield get
     _cache.clear()
+
+
+_timings: list[Timing] = []
+
+
+def _spec_of(item: pytest.Item) -> MethodSpec | None:
+    """The method a benchmark times: its ``spec`` parameter, or the one in its ``case``."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    for value in (params.get("spec"), *params.get("case", ())):
+        if isinstance(value, MethodSpec):
+            return value
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _record_timing(request: pytest.FixtureRequest):
+    """After a timed benchmark, keep its median for the closing table."""
+    spec = _spec_of(request.node)
+    if spec is None or "benchmark" not in request.fixturenames:
+        yield
+        return
+    benchmark = request.getfixturevalue("benchmark")
+    yield
+    if benchmark.stats is not None and benchmark.group:
+        _timings.append(Timing(benchmark.group, spec, benchmark.stats.stats.median))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001
+    table = ratio_table(_timings)
+    if table:
+        terminalreporter.write_sep("-", "lomt: fused steps as ratios")
+        terminalreporter.write_line(table)

@@ -42,6 +42,8 @@ stage() {  # stage NAME SECONDS COMMAND...: run COMMAND under a time limit, log 
 {
     nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv
     $python -c "import sys, torch, triton; p = torch.cuda.get_device_properties(0); print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, p.name, p.multi_processor_count, 'SMs', getattr(p, 'L2_cache_size', 0) // 2**20, 'MiB L2')"
+    $python -c "from lomt_kernels.kernels.cuda_toolkit import find_cuda_home; print('CUDA toolkit', find_cuda_home())"
+    echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
 } 2>&1 | tee "$out/summary.log"
 sms=$($python -c "import torch; print(torch.cuda.get_device_properties(0).multi_processor_count)")
 l2=$($python -c "import torch; print(getattr(torch.cuda.get_device_properties(0), 'L2_cache_size', 50e6) / 1e6)")

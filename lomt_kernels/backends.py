@@ -3,12 +3,14 @@
 Every backend module exposes ``group_prox_adam`` with the signature of
 :func:`lomt_kernels.reference.group_prox_adam`, and ``unavailable_reason(device)``, which
 returns ``None`` when the backend can run on ``device`` and otherwise says what is missing.
+``backend="auto"`` falls back to the reference (``"torch"``) only with a warning that says why.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import warnings
 from typing import Callable
 
 import torch
@@ -42,18 +44,24 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
 def resolve(name: str, device: torch.device) -> tuple[str, Callable[..., None]]:
     """The backend to use for params on ``device``: ``(name, step_function)``.
 
-    ``"auto"`` takes the first available backend in the order fastest first; a backend
-    asked for by name that cannot run is a ``RuntimeError`` saying why. An answer is kept for
-    the process (the optimizer asks on every step, and a backend that could run stays able
-    to); a refusal is not.
+    ``"auto"`` takes the first available backend in the order fastest first, and warns when
+    that is the reference (the fused kernels cannot run: the warning gives each one's reason).
+    A backend asked for by name that cannot run is a ``RuntimeError`` saying why. An answer is
+    kept for the process, so the warning comes once per device (the optimizer asks on every
+    step, and a backend that could run stays able to); a refusal is not kept.
     """
     if name == "auto":
+        reasons = {}
         for candidate in _PREFERENCE.get(device.type, ("torch",)):
-            if unavailable_reason(candidate, device) is None:
+            reason = unavailable_reason(candidate, device)
+            if reason is None:
                 name = candidate
                 break
+            reasons[candidate] = reason
         else:
             name = "torch"
+        if name == "torch":
+            warnings.warn(_fallback_message(device, reasons), stacklevel=3)
     else:
         reason = unavailable_reason(name, device)
         if reason is not None:
@@ -62,3 +70,17 @@ def resolve(name: str, device: torch.device) -> tuple[str, Callable[..., None]]:
                 f"Use backend='auto' to pick one that can, or backend='torch' (the reference)."
             )
     return name, importlib.import_module(_MODULES[name]).group_prox_adam
+
+
+def _fallback_message(device: torch.device, reasons: dict[str, str]) -> str:
+    """Why ``"auto"`` runs the reference on ``device``, and what to do about it."""
+    if not reasons:
+        why = f"lomt_kernels has fused kernels for CPU and CUDA params only, not {device.type}"
+    else:
+        why = "; ".join(f"backend {name!r}: {reason}" for name, reason in reasons.items())
+    build = "python -m lomt_kernels.build" + (" --cuda" if device.type == "cuda" else "")
+    return (
+        f"backend='auto' runs the PyTorch reference on {device}, several times slower than a fused "
+        f"kernel, because {why}. To fix: address that reason ({build} builds the kernels and prints "
+        f"the error); backend='torch' chooses the reference without this warning."
+    )

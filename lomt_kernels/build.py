@@ -5,7 +5,9 @@
 
 The builds are cached under ``TORCH_EXTENSIONS_DIR`` (default
 ``~/.cache/torch_extensions/<python>_<cuda>/``), where later processes load them without
-compiling; the command prints that directory. Exit status 1 if a build fails.
+compiling; the command prints each library's path. A kernel built into the package at install
+time (``LOMT_BUILD_EXT=1``, see ``setup.py``) is loaded from there instead. Exit status 1 if a
+build fails.
 """
 
 from __future__ import annotations
@@ -33,8 +35,6 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         library = Path(getattr(result, "__file__", result))
         print(f"{name}: ready in {time.perf_counter() - start:.0f} s ({library})")
-    # Each build lives in its own directory of the cache: <cache>/<name>_<key>/<library>.
-    print(f"cache: {library.parent.parent}")
     return 0
 
 

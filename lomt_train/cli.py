@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .config import DATASETS, PAPER_BATCH_SIZE, PAPER_PRESET, PAPER_SEEDS, SYNTHETIC_PRESET, RunConfig
+from .data import default_data_root
 from .tasks import resolve_tasks
 from .trainer import run_sweep, summary_line
 
@@ -82,7 +83,8 @@ def config_from_args(dataset: str, args: argparse.Namespace) -> tuple[RunConfig,
     """The base config, the lambda_ values and the seeds a training command asks for.
 
     Precedence: defaults, then the synthetic preset (with ``--synthetic``), then the papers'
-    preset (with ``--paper``), then explicit flags.
+    preset (with ``--paper``), then explicit flags. Without ``--data`` or ``--synthetic`` the
+    data is ``$LOMT_DATA/<dataset>``.
     """
     # Canonical task names, so that `normals` and `normal` name the same run folder.
     values: dict[str, Any] = {"dataset": dataset, "tasks": [t.name for t in resolve_tasks(args.tasks, dataset)]}
@@ -93,6 +95,8 @@ def config_from_args(dataset: str, args: argparse.Namespace) -> tuple[RunConfig,
         preset = dict(SYNTHETIC_PRESET)
         lambdas = [preset.pop("lambda_")]
         values.update(preset)
+    elif args.data is None:
+        values["data"] = str(default_data_root(dataset))
     if args.paper:
         values.update(PAPER_PRESET, batch_size=PAPER_BATCH_SIZE[dataset])
         seeds = list(PAPER_SEEDS)

@@ -14,6 +14,7 @@ from benchmarks.baselines import (
     published_weighted_prox_,
 )
 from benchmarks.params import build_set, resnet50_conv_shapes, small_convs, sweep_shapes
+from benchmarks.summary import Timing, ratio_table
 from lomt_kernels.reference import weighted_group_prox
 
 
@@ -156,3 +157,24 @@ def test_newton_starts_prints_a_row_per_conv_kind(capsys):
     assert newton_starts.main(["--sets", "small-convs"]) == 0
     table = capsys.readouterr().out
     assert "| 3x3 |" in table and "| 1x1 |" in table
+
+
+def test_ratio_table_puts_each_fused_step_beside_fused_adam_and_its_unfused_counterpart():
+    group, other = "cpu resnet50-convs (23.45M params)", "cpu sweep-1M (1.00M params)"
+    unfused_group = next(s for s in UNFUSED if s.key == UNFUSED_FOR["group"])
+    timings = [
+        Timing(group, FLOOR[0], 0.010),
+        Timing(group, unfused_group, 0.060),
+        Timing(group, fused_spec("torch", "group"), 0.090),
+        Timing(group, fused_spec("cpu", "group"), 0.012),
+        Timing(group, fused_spec("cpu", "group_weighted"), 0.020),
+        Timing(other, fused_spec("cpu", "l1"), 0.004),
+    ]
+    lines = ratio_table(timings).splitlines()
+    row = next(line for line in lines if "[cpu] group " in line).split()
+    assert row[-4:] == ["12.0", "1.20", "60.0", "5.00×"]
+    weighted = next(line for line in lines if "[cpu] group_weighted" in line).split()
+    assert weighted[-4:] == ["20.0", "2.00", "-", "-"]  # the published baseline did not run
+    assert not any("[torch]" in line for line in lines)  # the reference is not a fused kernel
+    assert lines.index(other) > lines.index(group) and lines[-1].split()[-4:] == ["4.00", "-", "-", "-"]
+    assert ratio_table([Timing(group, FLOOR[0], 0.01)]) == ""

@@ -9,9 +9,13 @@ the extension (about a minute, once per machine).
 from __future__ import annotations
 
 import copy
+import importlib.machinery
 import math
+import os
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -538,6 +542,27 @@ def test_build_failure_is_a_reason(tmp_path, monkeypatch, capfd) -> None:
     assert err.count(f"lomt_kernels: compiling {name}") == 1, err
     with pytest.raises(ExtensionUnavailable, match="missing"):
         load_extension(f"{name}_missing", [str(tmp_path / "absent.cpp")])
+
+
+def test_a_library_prebuilt_into_the_package_is_loaded_without_compiling(tmp_path) -> None:
+    """What ``LOMT_BUILD_EXT=1`` leaves in the package, named by its key, is loaded first."""
+    library = Path(cpu.build())  # <cache>/<name>_<key>/<name>_<key>.so
+    prebuilt = tmp_path / "prebuilt"
+    prebuilt.mkdir()
+    target = prebuilt / f"{library.stem}{importlib.machinery.EXTENSION_SUFFIXES[0]}"
+    shutil.copy(library, target)
+    (prebuilt / "group_prox_adam_cpu_000000000000.so").write_text("another key: never loaded")
+    code = (
+        "import sys\nfrom pathlib import Path\nfrom lomt_kernels.kernels import _extension, cpu\n"
+        "_extension.PREBUILT = Path(sys.argv[1])\nprint(cpu.build())\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(prebuilt)], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "cache")},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == str(target) and "compiling" not in result.stderr
+    assert not (tmp_path / "cache").exists()
 
 
 @pytest.mark.skipif(not torch.backends.openmp.is_available(), reason="torch is built without OpenMP")

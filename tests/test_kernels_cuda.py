@@ -13,9 +13,9 @@ import sys
 
 import pytest
 import torch
-from torch.utils import cpp_extension
-
 from lomt_kernels.kernels import cuda as cuda_backend
+from lomt_kernels.kernels import cuda_toolkit
+from lomt_kernels.kernels._extension import ExtensionUnavailable
 from test_kernels_triton import (
     GROUPINGS, NONFINITE_CASES, OPTIONS, PROXES, SHAPES, State, assert_some_groups_zero_and_some_not, hyper,
     run_nonfinite, run_options, run_resnet50_shapes, run_steps,
@@ -25,8 +25,19 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 DEVICE = torch.device("cuda")
 
 
+def no_toolkit_reason() -> str | None:
+    try:
+        cuda_toolkit.find_cuda_home()
+    except ExtensionUnavailable as exc:
+        return str(exc)
+    return None
+
+
+NO_TOOLKIT = no_toolkit_reason()
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(cpp_extension.CUDA_HOME is None, reason="needs nvcc (the CUDA toolkit)")
+@pytest.mark.skipif(NO_TOOLKIT is not None, reason=f"needs the CUDA toolkit: {NO_TOOLKIT}")
 def test_cuda_extension_compiles(tmp_path):
     """A from-scratch build for sm_80 and sm_90 in an empty extension cache (about two minutes)."""
     env = dict(

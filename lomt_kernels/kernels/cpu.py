@@ -63,6 +63,11 @@ _loaded = False
 _lock = threading.Lock()
 
 
+def build_flags() -> dict[str, list[str]]:
+    """The compiler flags, as :func:`~lomt_kernels.kernels._extension.load_extension` takes them."""
+    return {"extra_cflags": compile_flags(), "extra_ldflags": openmp_flags()}
+
+
 def build() -> str:
     """Build (first use) and load the extension; returns the path of the shared library.
 
@@ -70,9 +75,7 @@ def build() -> str:
     """
     global _loaded
     with _lock:
-        path = cast(str, load_extension(
-            EXTENSION_NAME, SOURCES, extra_cflags=compile_flags(), extra_ldflags=openmp_flags()
-        ))
+        path = cast(str, load_extension(EXTENSION_NAME, SOURCES, **build_flags()))
         if not _loaded:
             torch.library.register_fake("lomt::group_prox_adam_cpu")(_fake)
             _loaded = True

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 from types import ModuleType
 
 import torch
 from torch import Tensor
 
 from ._extension import ExtensionUnavailable, load_extension
+from .cuda_toolkit import use_cuda_home
 from .prepare import float64_on_reference, work_tensors, write_back
 
 EXTENSION_NAME = "group_prox_adam_cuda"
@@ -50,26 +50,17 @@ def arch_flags() -> list[str]:
     return flags
 
 
+def build_flags() -> dict[str, list[str]]:
+    """The compiler flags, as :func:`~lomt_kernels.kernels._extension.load_extension` takes them."""
+    return {"extra_cflags": ["-O3"], "extra_cuda_cflags": ["-O3", "-lineinfo", *arch_flags()]}
+
+
 def build() -> ModuleType:
-    """Build (first use) and load the extension; needs ``nvcc``, not a GPU.
+    """Build (first use) and load the extension; needs the CUDA toolkit, not a GPU.
 
     Raises :class:`~lomt_kernels.kernels._extension.ExtensionUnavailable` with the reason.
     """
-    from torch.utils import cpp_extension
-
-    home = cpp_extension.CUDA_HOME
-    if home is None:
-        raise ExtensionUnavailable("nvcc was not found to build the CUDA extension (set CUDA_HOME)")
-    if not (Path(home) / "include" / "cuda_runtime_api.h").exists():
-        # e.g. /usr/local, when the `nvcc` on the PATH is a wrapper script in /usr/local/bin
-        raise ExtensionUnavailable(
-            f"CUDA_HOME={home} has no include/cuda_runtime_api.h: set CUDA_HOME to the CUDA toolkit "
-            f"(e.g. /usr/local/cuda)"
-        )
-    module = load_extension(
-        EXTENSION_NAME, SOURCES, extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-lineinfo", *arch_flags()],
-        python_module=True,
-    )
+    module = load_extension(EXTENSION_NAME, SOURCES, **build_flags(), python_module=True, prepare_build=use_cuda_home)
     assert isinstance(module, ModuleType)
     return module
 

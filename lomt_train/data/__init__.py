@@ -20,6 +20,7 @@ from .class_names import (
 )
 from .files import CorruptFileError, DatasetLayoutError
 from .nyu import IGNORE_INDEX, NYUv2Dataset, detect_nyu_layout
+from .sources import DATA_ENV, default_data_root
 from .synthetic_celeba import make_synthetic_celeba
 from .synthetic_nyu import make_synthetic_nyu
 from .tasks import CELEBA_ATTRIBUTE_TASKS, CELEBA_TASKS, NYU_TASKS
@@ -32,6 +33,7 @@ __all__ = [
     "CELEBA_ATTRIBUTE_TASKS",
     "CELEBA_SEG_CLASS_NAMES",
     "CELEBA_TASKS",
+    "DATA_ENV",
     "DATASET_NAMES",
     "IGNORE_INDEX",
     "IMAGENET_MEAN",
@@ -48,6 +50,7 @@ __all__ = [
     "build_dataset",
     "cache_home",
     "compose_mask3",
+    "default_data_root",
     "detect_nyu_layout",
     "generate_cached",
     "make_synthetic_celeba",
