@@ -15,9 +15,10 @@ Write ``x`` for the figure turned into a sparsity (``x = f``, or ``x = 1 - f`` f
 that shrinks with λ) and ``x_T`` for the target so turned. Call ``n`` (counted from 1) sets the
 λ of interval ``n + 1``:
 
-1. **Warm-up**, ``n < warmup``: λ stays at its initial value; the prox starts the path alone.
-2. **Control**, ``warmup <= n < total_updates - healing``: the goal follows a cubic ramp from
-   the figure ``x_W`` measured at call ``warmup`` to the target, reached after a fraction
+1. **Warm-up**, ``n <= warmup``: λ stays at its initial value (for the first ``warmup + 1``
+   intervals); the prox starts the path alone.
+2. **Control**, ``warmup < n < total_updates - healing``: the goal follows a cubic ramp from
+   the figure ``x_W`` measured at the first control call to the target, reached after a fraction
    ``ramp`` of the control stretch and held after it,
 
    .. math::
@@ -108,7 +109,7 @@ class LambdaController:
         groups: indices of the param groups to control; by default every group with a group
             prox (``"group"``, ``"group_weighted"``) and ``lambda_ > 0``. They all get one λ.
         initial: the starting λ; by default the first controlled group's ``lambda_``.
-        warmup: calls before control starts (λ held at ``initial``).
+        warmup: calls that only measure before control starts (λ held at ``initial``).
         healing: calls at the end with the zero groups frozen and λ = 0 (0: no healing).
         ramp: fraction of the control stretch over which the goal ramps to the target.
         gain: ``k``, the change in ``log λ`` per unit gap.
@@ -154,7 +155,7 @@ class LambdaController:
             raise ValueError(f"LambdaController: target={target} must lie in (0, 1) (a fraction, not a percentage)")
         if not initial > 0:
             raise ValueError(f"LambdaController: the starting lambda_ is {initial}; it must be > 0 (pass initial=...)")
-        if warmup < 0 or healing < 0 or warmup + healing >= total_updates:
+        if warmup < 0 or healing < 0 or warmup + healing + 1 >= total_updates:
             raise ValueError(
                 f"LambdaController: warmup={warmup} and healing={healing} must be >= 0 and leave at least one "
                 f"control call among total_updates={total_updates}"
@@ -182,7 +183,7 @@ class LambdaController:
         """The phase of the interval now running: ``"warmup"``, ``"control"`` or ``"healing"``."""
         if self.frozen is not None:
             return "healing"
-        return "warmup" if self.updates < self.warmup else "control"
+        return "warmup" if self.updates <= self.warmup else "control"
 
     def _sparsity(self, value: float) -> float:
         return 1.0 - value if self.figure.decreases_with_lambda else value
@@ -228,7 +229,7 @@ class LambdaController:
                 controlled = [self.optimizer.param_groups[i] for i in self.group_indices]
                 self.frozen = FrozenGroups.from_param_groups(controlled)
                 self._freeze()
-        elif n >= self.warmup:
+        elif n > self.warmup:
             phase = "control"
             if self.start is None:
                 self.start = x

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from lomt_kernels import FusedGroupProxAdam, group_sparsity, prox_param_groups
+from lomt_kernels import FusedGroupProxAdam, MacFraction, group_sparsity, prox_param_groups
 
 from .checkpoint import atomic_save, atomic_write_text, load_checkpoint, rng_state, seed_everything, set_rng_state
 from .config import RunConfig
@@ -32,6 +32,7 @@ from .distributed import DistContext, init_distributed, shard
 from .data import build_dataset, make_synthetic_celeba, make_synthetic_nyu, synthetic_root
 from .losses import build_weighting
 from .models import MultiTaskModel, build_model
+from .targets import build_controller, check_target, target_label
 from .tasks import Task, get_task, resolve_tasks
 from .timing import measure_latency
 
@@ -59,9 +60,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def run_dir_for(config: RunConfig) -> Path:
-    """``<out>/<dataset>-<tasks>/<prox>-lambda<lambda_>/seed<seed>``."""
+    """``<out>/<dataset>-<tasks>/<prox>-lambda<lambda_>/seed<seed>``; a target run's folder is
+    ``<prox>-sparsity<P>`` or ``<prox>-macs<F>`` instead of ``<prox>-lambda<lambda_>``."""
     tasks = "+".join(config.tasks)
-    return Path(config.out) / f"{config.dataset}-{tasks}" / f"{config.prox}-lambda{config.lambda_:g}" / f"seed{config.seed}"
+    setting = target_label(config) or f"lambda{config.lambda_:g}"
+    return Path(config.out) / f"{config.dataset}-{tasks}" / f"{config.prox}-{setting}" / f"seed{config.seed}"
 
 
 def validate(config: RunConfig) -> list[Task]:
@@ -78,6 +81,7 @@ def validate(config: RunConfig) -> list[Task]:
         raise FileNotFoundError(f"--data {config.data}: no such folder")
     resolve_device(config.device)
     build_weighting(config.weighting, config.tasks)
+    check_target(config)
     return resolve_tasks(config.tasks, config.dataset, depth_loss=config.depth_loss)
 
 
@@ -272,6 +276,7 @@ def train(
     val_set = build_dataset(config.dataset, root, "val", **common)
     model, weighting, optimizer, scheduler = build_run(config, tasks, train_set.num_classes, device)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp and device.type == "cuda")
+    controller = build_controller(config, model, optimizer, device)
 
     history: list[dict[str, Any]] = []
     best = {"score": math.inf, "epoch": -1, "bad_epochs": 0}
@@ -284,6 +289,8 @@ def train(
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
+        if controller is not None:
+            controller.load_state_dict(ckpt["controller"])
         history, best, start_epoch = ckpt["history"], ckpt["best"], ckpt["epoch"] + 1
 
     objective: nn.Module = Objective(model, weighting, tasks)
@@ -314,17 +321,21 @@ def train(
             seen += n
             for k, v in losses.items():
                 sums[k] += v.item() * n
-            bar.set_postfix(loss=f"{total.item():.3f}")
+            bar.set_postfix(loss=f"{total.item():.3f}", lam=f"{optimizer.param_groups[0]['lambda_']:.3g}")
         scheduler.step()
+        lambda_ = optimizer.param_groups[0]["lambda_"]
+        target = controller.update() if controller is not None else None
 
         val_losses, val_metrics = evaluate(model, val_loader, tasks, config, ctx)
         sparsity = group_sparsity(model.backbone, config.grouping)
         score = sum(val_losses.values())
-        if score < best["score"]:
+        # A target run selects among the epochs whose zero pattern is final (healing, or the last).
+        eligible = controller is None or controller.phase == "healing" or epoch + 1 == config.epochs
+        if eligible and score < best["score"]:
             best = {"score": score, "epoch": epoch, "bad_epochs": 0}
             if ctx.is_main:
                 atomic_save({"model": model.state_dict(), "epoch": epoch}, run_dir / "best.pt")
-        else:
+        elif eligible:
             best["bad_epochs"] += 1
         row = {
             "epoch": epoch + 1,
@@ -335,6 +346,8 @@ def train(
             "task_weight": weighting.weights(),
             "group_sparsity": sparsity.group_sparsity,
             "param_sparsity": sparsity.param_sparsity,
+            "lambda_": lambda_,
+            **({"target": target} if target is not None else {}),
             "seconds": time.perf_counter() - started,
         }
         history.append(row)
@@ -346,12 +359,14 @@ def train(
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(), "rng": rng_state(), "epoch": epoch,
                     "history": history, "best": best,
+                    "controller": None if controller is None else controller.state_dict(),
                 },
                 run_dir / "last.pt",
             )
         ctx.barrier()
         if progress:
-            tqdm.write(summary_line(f"epoch {row['epoch']} val", row["val"], row["group_sparsity"]))
+            line = summary_line(f"epoch {row['epoch']} val", row["val"], row["group_sparsity"])
+            tqdm.write(line if target is None else f"{line} | {target_summary(config, target)}")
         epochs_run += 1
         if stop_after is not None and epochs_run >= stop_after and epoch + 1 < config.epochs:
             return None
@@ -367,6 +382,13 @@ def summary_line(label: str, metrics: dict[str, dict[str, float]], group_sparsit
         parts.append(f"{name} {primary}={values[primary]:.4g}")
     parts.append(f"group sparsity {group_sparsity:.1f}%")
     return " | ".join(parts)
+
+
+def target_summary(config: RunConfig, record: dict[str, Any]) -> str:
+    """A controller's record in words: the figure against its goal, and the next λ."""
+    figure = "MACs" if config.target_macs is not None else "zero groups"
+    return (f"{figure} {record['figure']:.3f} (goal {record['goal']:.3f}) | {record['phase']} "
+            f"| next λ {record['lambda_']:.3g}")
 
 
 def _finish(
@@ -402,6 +424,7 @@ def _finish(
         "test": test_metrics,
         "group_sparsity": sparsity["total"]["group_sparsity"],
         "param_sparsity": sparsity["total"]["param_sparsity"],
+        "mac_fraction": MacFraction(model.backbone, torch.zeros(1, 3, config.image_size, config.image_size, device=ctx.device))(),
         "lambda_": config.lambda_,
         "seed": config.seed,
         "tasks": [t.name for t in tasks],
