@@ -10,7 +10,7 @@ from lomt_kernels import LambdaController, MacFraction
 from .config import RunConfig
 from .models import MultiTaskModel
 
-#: Calls of the controller (one per epoch) that only measure: the first two epochs keep the starting λ.
+#: Epochs at the start of a target run during which λ keeps its starting value.
 WARMUP_EPOCHS = 1
 
 
@@ -39,7 +39,7 @@ def check_target(config: RunConfig) -> None:
         raise ValueError(f"with a target, --lambda is the starting value of λ and must be > 0, not {config.lambda_}")
     if config.patience:
         raise ValueError("a target run follows a schedule to its last epoch: --patience must be 0 with a target")
-    if healing_epochs(config) < 0 or WARMUP_EPOCHS + healing_epochs(config) + 1 >= config.epochs:
+    if healing_epochs(config) < 0 or WARMUP_EPOCHS + healing_epochs(config) >= config.epochs:
         raise ValueError(
             f"--epochs {config.epochs} leaves no epoch to steer λ after {WARMUP_EPOCHS} warm-up and "
             f"{healing_epochs(config)} healing epoch(s): train longer or pass a smaller --healing-epochs"
@@ -47,9 +47,14 @@ def check_target(config: RunConfig) -> None:
 
 
 def build_controller(
-    config: RunConfig, model: MultiTaskModel, optimizer: torch.optim.Optimizer, device: torch.device
+    config: RunConfig, model: MultiTaskModel, optimizer: torch.optim.Optimizer, device: torch.device,
+    steps_per_epoch: int,
 ) -> LambdaController | None:
-    """The controller of the backbone's prox groups, called once per epoch; ``None`` without a target."""
+    """The controller of the backbone's prox groups, called after every step; ``None`` without a target.
+
+    Warm-up and healing are whole epochs. The controller is called after every step rather than
+    every epoch, so that λ follows the figure closely with a small gain per call.
+    """
     if config.target_sparsity is None and config.target_macs is None:
         return None
     if config.target_macs is not None:
@@ -58,8 +63,8 @@ def build_controller(
     else:
         figure, target = None, config.target_sparsity / 100.0
     return LambdaController(
-        optimizer, target, config.epochs, figure=figure, groups=[0], warmup=WARMUP_EPOCHS,
-        healing=healing_epochs(config),
+        optimizer, target, config.epochs * steps_per_epoch, figure=figure, groups=[0],
+        warmup=WARMUP_EPOCHS * steps_per_epoch - 1, healing=healing_epochs(config) * steps_per_epoch,
     )
 
 

@@ -276,7 +276,8 @@ def train(
     val_set = build_dataset(config.dataset, root, "val", **common)
     model, weighting, optimizer, scheduler = build_run(config, tasks, train_set.num_classes, device)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp and device.type == "cuda")
-    controller = build_controller(config, model, optimizer, device)
+    controller = build_controller(config, model, optimizer, device, len(_train_loader(train_set, config, ctx, 0)))
+    target = None
 
     history: list[dict[str, Any]] = []
     best = {"score": math.inf, "epoch": -1, "bad_epochs": 0}
@@ -317,14 +318,14 @@ def train(
         for batch in bar:
             batch = _to(batch, device)
             total, losses = train_step(objective, optimizer, scaler, batch, _autocast(config, device))
+            if controller is not None:
+                target = controller.update()
             n = batch["image"].shape[0]
             seen += n
             for k, v in losses.items():
                 sums[k] += v.item() * n
             bar.set_postfix(loss=f"{total.item():.3f}", lam=f"{optimizer.param_groups[0]['lambda_']:.3g}")
         scheduler.step()
-        lambda_ = optimizer.param_groups[0]["lambda_"]
-        target = controller.update() if controller is not None else None
 
         val_losses, val_metrics = evaluate(model, val_loader, tasks, config, ctx)
         sparsity = group_sparsity(model.backbone, config.grouping)
@@ -346,7 +347,7 @@ def train(
             "task_weight": weighting.weights(),
             "group_sparsity": sparsity.group_sparsity,
             "param_sparsity": sparsity.param_sparsity,
-            "lambda_": lambda_,
+            "lambda_": optimizer.param_groups[0]["lambda_"],
             **({"target": target} if target is not None else {}),
             "seconds": time.perf_counter() - started,
         }
@@ -385,7 +386,7 @@ def summary_line(label: str, metrics: dict[str, dict[str, float]], group_sparsit
 
 
 def target_summary(config: RunConfig, record: dict[str, Any]) -> str:
-    """A controller's record in words: the figure against its goal, and the next λ."""
+    """A controller's last record in words: the figure against its goal, and the next λ."""
     figure = "MACs" if config.target_macs is not None else "zero groups"
     return (f"{figure} {record['figure']:.3f} (goal {record['goal']:.3f}) | {record['phase']} "
             f"| next λ {record['lambda_']:.3g}")

@@ -29,7 +29,7 @@ def _zero(weight: torch.Tensor, channels: int) -> None:
 
 def test_lambda_rises_below_the_goal_falls_above_it_and_stays_in_bounds():
     weight, opt = _optimizer()
-    controller = LambdaController(opt, 0.5, total_updates=30, warmup=0, bounds=(1e-3, 4e-2))
+    controller = LambdaController(opt, 0.5, total_updates=30, warmup=0, bounds=(1e-3, 4e-2), gain=3.0, max_step=math.log(2))
     assert controller.group_indices == [0]  # the bias group has lambda_ = 0: not controlled
     lambdas = [opt.param_groups[0]["lambda_"]]
     for _ in range(6):  # every group alive: below the goal, λ must grow, up to its bound
@@ -119,21 +119,23 @@ def _teacher_data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _plain_loop(epochs: int):
-    """A user's own loop: a linear model whose 32 input columns are the groups, target 50% zero."""
+    """A user's own loop: a linear model whose 32 input columns are the groups, target 50% zero,
+    the controller called after every step, the last 4 epochs healing."""
     torch.manual_seed(0)
     x, y = _teacher_data()
     model = nn.Linear(32, 1)
     opt = FusedGroupProxAdam(
         [{"params": [model.weight], "lambda_": 1e-2, "prox": "group"}, {"params": [model.bias]}], lr=3e-2, backend="torch"
     )
-    controller = LambdaController(opt, 0.5, total_updates=epochs, warmup=2, healing=4)
+    steps = 8
+    controller = LambdaController(opt, 0.5, total_updates=epochs * steps, warmup=2 * steps, healing=4 * steps)
     for epoch in range(epochs):
-        for batch in range(0, 256, 32):
+        for batch in range(0, 256, 256 // steps):
             opt.zero_grad()
             loss = (model(x[batch:batch + 32]).squeeze(1) - y[batch:batch + 32]).pow(2).mean()
             loss.backward()
             opt.step()
-        controller.update()
+            controller.update()
     return model, opt, controller
 
 
@@ -141,8 +143,8 @@ def test_the_controller_in_a_plain_training_loop():
     model, opt, controller = _plain_loop(40)
     figure = ZeroGroupFraction(opt.param_groups[:1])()
     assert abs(figure - 0.5) <= 0.05, controller.history
-    healing = [r for r in controller.history if r["phase"] == "healing"]  # the freezing call, then 4 intervals
-    assert len(healing) == 5 and {r["figure"] for r in healing} == {healing[0]["figure"]}
+    healing = [r for r in controller.history if r["phase"] == "healing"]  # the freezing call, then 4 epochs
+    assert len(healing) == 4 * 8 + 1 and {r["figure"] for r in healing} == {healing[0]["figure"]}
     low, high = controller.bounds
     assert all(low <= r["lambda_"] <= high for r in controller.history if r["phase"] != "healing")
     assert torch.count_nonzero(model.weight[0, :8]) == 8  # the teacher's inputs survive
