@@ -36,7 +36,11 @@ that shrinks with λ) and ``x_T`` for the target so turned. Call ``n`` (counted 
    with gain ``k`` and largest step ``s`` (``max_step``).
 3. **Healing**, ``n >= total_updates - healing``: the groups that are zero at the first healing
    call are frozen (:class:`~lomt_kernels.FrozenGroups`, attached to the optimizer) and λ is
-   set to 0, so the rest fine-tunes without the prox and the figure no longer moves.
+   set to 0, so the rest fine-tunes without the prox and the figure no longer moves. The
+   figure that is frozen is the one the run ends with. It jitters from step to step around
+   the goal (groups near the threshold leave and rejoin zero), so healing may start up to
+   ``settle`` calls early, at the first of those calls where the figure is within
+   ``tolerance`` of the target.
 
 Why this is stable. The figure rises monotonically with λ, and responds within a step or two
 (a group whose norm is near the threshold reaches zero at the next prox). The update is an
@@ -115,6 +119,8 @@ class LambdaController:
         initial: the starting λ; by default the first controlled group's ``lambda_``.
         warmup: calls that only measure before control starts (λ held at ``initial``).
         healing: calls at the end with the zero groups frozen and λ = 0 (0: no healing).
+        settle: how many calls early healing may start, on the first call within ``tolerance``.
+        tolerance: how near the target the figure must be to start healing early.
         ramp: fraction of the control stretch over which the goal ramps to the target.
         gain: ``k``, the change in ``log λ`` per unit gap.
         max_step: the largest change in ``log λ`` per call.
@@ -136,6 +142,8 @@ class LambdaController:
         initial: float | None = None,
         warmup: int = 1,
         healing: int = 0,
+        settle: int = 0,
+        tolerance: float = 0.01,
         ramp: float = 0.6,
         gain: float = 0.5,
         max_step: float = 0.1,
@@ -164,6 +172,10 @@ class LambdaController:
                 f"LambdaController: warmup={warmup} and healing={healing} must be >= 0 and leave at least one "
                 f"control call among total_updates={total_updates}"
             )
+        if settle < 0 or settle > total_updates - healing - warmup - 1 or not tolerance >= 0:
+            raise ValueError(
+                f"LambdaController: settle={settle} must lie in [0, the control calls] and tolerance={tolerance} be >= 0"
+            )
         if not 0.0 < ramp <= 1.0 or not gain > 0 or not max_step > 0:
             raise ValueError(f"LambdaController: need 0 < ramp <= 1 ({ramp}), gain > 0 ({gain}), max_step > 0 ({max_step})")
         low, high = bounds if bounds is not None else (initial / 1000.0, initial * 1000.0)
@@ -173,6 +185,7 @@ class LambdaController:
         self.target = target
         self.total_updates = total_updates
         self.warmup, self.healing, self.ramp = warmup, healing, ramp
+        self.settle, self.tolerance = settle, tolerance
         self.gain, self.max_step, self.bounds = gain, max_step, (low, high)
         self.updates = 0
         self.lambda_ = initial
@@ -227,7 +240,9 @@ class LambdaController:
         n = self.updates + 1
         figure = self._agree(float(self.figure()))
         x = self._sparsity(figure)
-        if self.healing and n >= self.total_updates - self.healing:
+        healing_at = self.total_updates - self.healing
+        on_target = abs(figure - self.target) <= self.tolerance
+        if self.healing and (self.frozen is not None or n >= healing_at or (n >= healing_at - self.settle and on_target)):
             phase = "healing"
             if self.frozen is None:
                 controlled = [self.optimizer.param_groups[i] for i in self.group_indices]

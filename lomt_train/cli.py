@@ -49,6 +49,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--healing-epochs", type=int, metavar="N",
                    help="with a target: the last N epochs freeze the zero groups and fine-tune the rest "
                         "(default: a fifth of the epochs; 0: no healing)")
+    p.add_argument("--peer", choices=["pat"],
+                   help="reach --target-sparsity with torchao's PAT (min-sparsity constraint, healing) instead of our controller")
     p.add_argument("--prox", choices=["group", "group_weighted", "l1", "none"])
     p.add_argument("--grouping", choices=["in_channel", "out_channel"])
     p.add_argument("--seeds", type=int, nargs="+", help="seed(s); several = repeated trials")

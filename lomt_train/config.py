@@ -20,7 +20,7 @@ class RunConfig:
     (the compacted backbone's MACs as a fraction of the dense one's), ``lambda_`` is only the
     starting value of a :class:`lomt_kernels.LambdaController`, and the last
     ``healing_epochs`` (default: a fifth of the epochs; 0: none) fine-tune with the zero groups
-    frozen.
+    frozen. ``peer="pat"`` reaches ``target_sparsity`` with torchao's PAT instead (:mod:`lomt_train.pat`).
     """
 
     dataset: str
@@ -33,6 +33,7 @@ class RunConfig:
     target_sparsity: float | None = None
     target_macs: float | None = None
     healing_epochs: int | None = None
+    peer: str | None = None
     prox: str = "group_weighted"
     grouping: str = "in_channel"
     seed: int = 0

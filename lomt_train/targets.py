@@ -14,6 +14,10 @@ from .models import MultiTaskModel
 WARMUP_EPOCHS = 1
 
 
+#: How near the target (a fraction of groups, or of the dense MACs) a step must end to start healing early.
+SETTLE_TOLERANCE = 0.005
+
+
 def healing_epochs(config: RunConfig) -> int:
     """The epochs of the healing stretch: ``healing_epochs``, or by default a fifth of the run."""
     if config.healing_epochs is not None:
@@ -52,10 +56,11 @@ def build_controller(
 ) -> LambdaController | None:
     """The controller of the backbone's prox groups, called after every step; ``None`` without a target.
 
-    Warm-up and healing are whole epochs. The controller is called after every step rather than
+    Warm-up and healing are whole epochs; healing may start up to an epoch early, on the first
+    step that ends within :data:`SETTLE_TOLERANCE` of the target. The controller is called after every step rather than
     every epoch, so that λ follows the figure closely with a small gain per call.
     """
-    if config.target_sparsity is None and config.target_macs is None:
+    if config.peer is not None or (config.target_sparsity is None and config.target_macs is None):
         return None
     if config.target_macs is not None:
         example = torch.zeros(1, 3, config.image_size, config.image_size, device=device)
@@ -65,7 +70,18 @@ def build_controller(
     return LambdaController(
         optimizer, target, config.epochs * steps_per_epoch, figure=figure, groups=[0],
         warmup=WARMUP_EPOCHS * steps_per_epoch - 1, healing=healing_epochs(config) * steps_per_epoch,
+        settle=steps_per_epoch if healing_epochs(config) else 0, tolerance=SETTLE_TOLERANCE,
     )
+
+
+def selectable(config: RunConfig, epoch: int, controller: LambdaController | None) -> bool:
+    """Whether the model after ``epoch`` (from 0) may become ``best.pt``: any epoch without a
+    target; with one, only those whose zero pattern is final (healing, or the last epoch)."""
+    if epoch + 1 == config.epochs or (config.target_sparsity is None and config.target_macs is None):
+        return True
+    if controller is not None:
+        return controller.phase == "healing"
+    return epoch + 1 >= config.epochs - healing_epochs(config)  # a peer's healing starts on schedule
 
 
 def target_label(config: RunConfig) -> str | None:

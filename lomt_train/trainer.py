@@ -32,7 +32,8 @@ from .distributed import DistContext, init_distributed, shard
 from .data import build_dataset, make_synthetic_celeba, make_synthetic_nyu, synthetic_root
 from .losses import build_weighting
 from .models import MultiTaskModel, build_model
-from .targets import build_controller, check_target, target_label
+from .pat import check_peer, pat_optimizer
+from .targets import WARMUP_EPOCHS, build_controller, check_target, healing_epochs, selectable, target_label
 from .tasks import Task, get_task, resolve_tasks
 from .timing import measure_latency
 
@@ -64,7 +65,7 @@ def run_dir_for(config: RunConfig) -> Path:
     ``<prox>-sparsity<P>`` or ``<prox>-macs<F>`` instead of ``<prox>-lambda<lambda_>``."""
     tasks = "+".join(config.tasks)
     setting = target_label(config) or f"lambda{config.lambda_:g}"
-    return Path(config.out) / f"{config.dataset}-{tasks}" / f"{config.prox}-{setting}" / f"seed{config.seed}"
+    return Path(config.out) / f"{config.dataset}-{tasks}" / f"{config.peer or config.prox}-{setting}" / f"seed{config.seed}"
 
 
 def validate(config: RunConfig) -> list[Task]:
@@ -82,6 +83,7 @@ def validate(config: RunConfig) -> list[Task]:
     resolve_device(config.device)
     build_weighting(config.weighting, config.tasks)
     check_target(config)
+    check_peer(config)
     return resolve_tasks(config.tasks, config.dataset, depth_loss=config.depth_loss)
 
 
@@ -218,7 +220,7 @@ def _flatten(row: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def build_run(config: RunConfig, tasks: list[Task], num_classes: int, device: torch.device):
+def build_run(config: RunConfig, tasks: list[Task], num_classes: int, device: torch.device, steps_per_epoch: int):
     """Model, loss weighting, optimizer and LR schedule of a run, on ``device``."""
     model = build_model(
         tasks, num_classes=num_classes, backbone=config.backbone, weights=config.weights,
@@ -230,7 +232,10 @@ def build_run(config: RunConfig, tasks: list[Task], num_classes: int, device: to
     weighting_params = list(weighting.parameters())
     if weighting_params:
         groups.append({"params": weighting_params, "lambda_": 0.0, "weight_decay": 0.0})
-    optimizer = FusedGroupProxAdam(groups, lr=config.lr, weight_decay=config.weight_decay, backend=config.backend)
+    if config.peer == "pat":
+        optimizer = pat_optimizer(config, groups, steps_per_epoch, WARMUP_EPOCHS, healing_epochs(config))
+    else:
+        optimizer = FusedGroupProxAdam(groups, lr=config.lr, weight_decay=config.weight_decay, backend=config.backend)
     if config.lr_schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     elif config.lr_schedule == "step":
@@ -274,9 +279,10 @@ def train(
     common = dict(tasks=names, image_size=config.image_size, layout=config.layout, seed=config.seed)
     train_set = build_dataset(config.dataset, root, "train", augment=config.augment, **common)
     val_set = build_dataset(config.dataset, root, "val", **common)
-    model, weighting, optimizer, scheduler = build_run(config, tasks, train_set.num_classes, device)
+    steps_per_epoch = len(_train_loader(train_set, config, ctx, 0))
+    model, weighting, optimizer, scheduler = build_run(config, tasks, train_set.num_classes, device, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp and device.type == "cuda")
-    controller = build_controller(config, model, optimizer, device, len(_train_loader(train_set, config, ctx, 0)))
+    controller = build_controller(config, model, optimizer, device, steps_per_epoch)
     target = None
 
     history: list[dict[str, Any]] = []
@@ -324,14 +330,13 @@ def train(
             seen += n
             for k, v in losses.items():
                 sums[k] += v.item() * n
-            bar.set_postfix(loss=f"{total.item():.3f}", lam=f"{optimizer.param_groups[0]['lambda_']:.3g}")
+            bar.set_postfix(loss=f"{total.item():.3f}", lam=f"{optimizer.param_groups[0].get('lambda_', 0.0):.3g}")
         scheduler.step()
 
         val_losses, val_metrics = evaluate(model, val_loader, tasks, config, ctx)
         sparsity = group_sparsity(model.backbone, config.grouping)
         score = sum(val_losses.values())
-        # A target run selects among the epochs whose zero pattern is final (healing, or the last).
-        eligible = controller is None or controller.phase == "healing" or epoch + 1 == config.epochs
+        eligible = selectable(config, epoch, controller)
         if eligible and score < best["score"]:
             best = {"score": score, "epoch": epoch, "bad_epochs": 0}
             if ctx.is_main:
@@ -347,7 +352,7 @@ def train(
             "task_weight": weighting.weights(),
             "group_sparsity": sparsity.group_sparsity,
             "param_sparsity": sparsity.param_sparsity,
-            "lambda_": optimizer.param_groups[0]["lambda_"],
+            "lambda_": optimizer.param_groups[0].get("lambda_", 0.0),
             **({"target": target} if target is not None else {}),
             "seconds": time.perf_counter() - started,
         }

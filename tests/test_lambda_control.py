@@ -191,3 +191,18 @@ def _agree_worker(rank: int, init_file: str) -> None:
 
 def test_every_rank_uses_rank_zeros_figure_and_the_same_lambda(tmp_path):
     spawned.run(_agree_worker, str(tmp_path / "init"), nprocs=2)
+
+
+def test_healing_starts_early_on_the_first_call_within_tolerance():
+    weight, opt = _optimizer()
+    controller = LambdaController(opt, 0.5, total_updates=12, warmup=0, healing=4, settle=3, tolerance=0.01)
+    for zeros in (1, 2, 3, 3):  # calls 1-4: control (healing may start from call 5)
+        _zero(weight, zeros)
+        assert controller.update()["phase"] == "control"
+    _zero(weight, 3)
+    assert controller.update()["phase"] == "control"  # call 5: 3/8 is off target
+    _zero(weight, 4)
+    record = controller.update()  # call 6: 4/8 is on target, two calls before schedule
+    assert record["phase"] == "healing" and controller.frozen.frozen == 4
+    _zero(weight, 1)
+    assert controller.update()["phase"] == "healing"  # it stays healing whatever the figure
