@@ -3,6 +3,7 @@
 The suite itself runs in CI in its small mode, as part of the plain ``pytest``.
 """
 
+import importlib.util
 import math
 
 import pytest
@@ -156,3 +157,21 @@ def test_newton_starts_prints_a_row_per_conv_kind(capsys):
     assert newton_starts.main(["--sets", "small-convs"]) == 0
     table = capsys.readouterr().out
     assert "| 3x3 |" in table and "| 1x1 |" in table
+
+
+def test_pat_is_measured_beside_us_or_skipped_with_its_reason():
+    from benchmarks.baselines import PAT, all_specs, skip_reason
+
+    assert PAT in all_specs()
+    reason = skip_reason(PAT, "cpu")
+    if importlib.util.find_spec("torchao") is None:
+        assert 'pip install -e ".[peers]"' in reason
+        return
+    assert reason is None
+    method = Method(PAT, build_set("small-convs"))
+    method.timed_step()
+    first = [p.detach().clone() for p in method.params]
+    method.timed_step()  # restore() puts the warm state and PAT's latent copy back: the same step
+    assert all(torch.equal(p, q) for p, q in zip(method.params, first))
+    assert not all(torch.equal(p, q) for p, q in zip(method.params, method.pset.params))
+    assert method.zero_group_fraction() > 0  # PAT's prox zeroed some of the (in-channel) groups

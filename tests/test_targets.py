@@ -1,5 +1,6 @@
 """Target runs of the trainer: λ learned toward a sparsity or MAC target, healing, exact resume."""
 
+import importlib.util
 import json
 
 import pytest
@@ -94,3 +95,16 @@ def test_a_mac_target_from_the_command_line(tmp_path, capsys):
 def test_bad_target_options_name_the_fix(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         train(_config(tmp_path, **{"epochs": 4, **overrides}), progress=False)
+
+
+def test_pat_peer_reaches_its_target_exactly_or_says_how_to_install_it(tmp_path):
+    config = _config(tmp_path, target_sparsity=50.0, epochs=4, healing_epochs=1, peer="pat", grouping="out_channel")
+    if importlib.util.find_spec("torchao") is None:
+        with pytest.raises(ValueError, match=r'pip install -e "\.\[peers\]"'):
+            train(config, progress=False)
+        return
+    result = train(config, progress=False)
+    assert run_dir_for(config).parent.name == "pat-sparsity50"
+    assert result.sparsity["total"]["group_sparsity"] == pytest.approx(50.0, abs=1.0)  # a hard top-k cut
+    with pytest.raises(ValueError, match="--grouping out_channel"):
+        train(_config(tmp_path / "in", target_sparsity=50.0, epochs=4, peer="pat"), progress=False)
