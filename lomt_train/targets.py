@@ -14,8 +14,10 @@ from .models import MultiTaskModel
 WARMUP_EPOCHS = 1
 
 
-#: How near the target (a fraction of groups, or of the dense MACs) a step must end to start healing early.
-SETTLE_TOLERANCE = 0.005
+#: How near the target (a fraction of groups, or of the dense MACs) a step must end to start healing
+#: early, and in how many epochs before the healing stretch at most.
+SETTLE_TOLERANCE = 0.01
+SETTLE_EPOCHS = 2
 
 
 def healing_epochs(config: RunConfig) -> int:
@@ -56,8 +58,9 @@ def build_controller(
 ) -> LambdaController | None:
     """The controller of the backbone's prox groups, called after every step; ``None`` without a target.
 
-    Warm-up and healing are whole epochs; healing may start up to an epoch early, on the first
-    step that ends within :data:`SETTLE_TOLERANCE` of the target. The controller is called after every step rather than
+    Warm-up and healing are whole epochs; healing may start up to :data:`SETTLE_EPOCHS` epochs
+    early (fewer in a short run), on the first step that ends within :data:`SETTLE_TOLERANCE`
+    of the target. The controller is called after every step rather than
     every epoch, so that λ follows the figure closely with a small gain per call.
     """
     if config.peer is not None or (config.target_sparsity is None and config.target_macs is None):
@@ -67,10 +70,11 @@ def build_controller(
         figure, target = MacFraction(model.backbone, example), config.target_macs
     else:
         figure, target = None, config.target_sparsity / 100.0
+    settle = min(SETTLE_EPOCHS, config.epochs - WARMUP_EPOCHS - healing_epochs(config)) if healing_epochs(config) else 0
     return LambdaController(
         optimizer, target, config.epochs * steps_per_epoch, figure=figure, groups=[0],
         warmup=WARMUP_EPOCHS * steps_per_epoch - 1, healing=healing_epochs(config) * steps_per_epoch,
-        settle=steps_per_epoch if healing_epochs(config) else 0, tolerance=SETTLE_TOLERANCE,
+        settle=settle * steps_per_epoch, tolerance=SETTLE_TOLERANCE,
     )
 
 
