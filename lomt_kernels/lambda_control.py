@@ -54,13 +54,13 @@ MAC fraction by up to 0.7), so the loop settles without ringing. A gain that sui
 step is small for one call per epoch (raise ``gain`` and ``max_step`` there, at the price of
 that margin). The per-call step is capped (``max_step``, about 10%) so a large gap early on
 cannot throw λ far past the equilibrium, and the bounds stop integral wind-up when a target
-cannot be reached. The ramp
-keeps the gap small throughout, since a group that has reached zero comes back only when its
-gradient outgrows the threshold, so overshoot is slow to undo. As the learning rate decays
+cannot be reached. The ramp keeps the gap small throughout, since a group that has reached zero
+comes back only when its gradient outgrows the threshold, so overshoot is slow to undo. As the learning rate decays
 the prox threshold ``lr · λ`` shrinks; the integral term absorbs that by raising λ.
 
 Under ``torch.distributed`` (DDP) rank 0's figure is broadcast at each call and every rank
-computes λ from it and the same state, so that every rank uses the same λ.
+computes λ from it and the same state, so that every rank uses the same λ. The figures read
+whole tensors: FSDP-sharded (DTensor) params are not supported.
 :meth:`LambdaController.state_dict` holds everything the next call depends on, so a run
 resumed from a checkpoint continues exactly.
 """
