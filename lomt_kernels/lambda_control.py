@@ -74,6 +74,7 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
+from .distributed import is_dtensor
 from .healing import FrozenGroups
 from .sparsity import group_sparsity
 
@@ -95,6 +96,8 @@ class ZeroGroupFraction:
 
     def __init__(self, groups: Iterable[dict[str, Any]]) -> None:
         self.groups = [(list(g["params"]), g["grouping"]) for g in groups]
+        if any(is_dtensor(p) for params, _ in self.groups for p in params):
+            raise ValueError("ZeroGroupFraction reads whole tensors; FSDP-sharded (DTensor) params are not supported")
 
     def __call__(self) -> float:
         reports = [group_sparsity(params, grouping) for params, grouping in self.groups]
