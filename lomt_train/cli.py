@@ -2,6 +2,7 @@
 
     lomt_train nyu --tasks seg,normal,depth --synthetic
     lomt_train celeba --tasks seg,male,smile --data /data/CelebAMask-HQ --paper --lambda 1e-5 1e-4
+    lomt_train nyu --tasks seg,normal,depth --synthetic --epochs 20 --target-sparsity 50
     lomt_train report runs/nyu-seg+normal+depth --out reports/nyu
     lomt_train lomt-probe nyu --tasks seg,normal,depth --synthetic --seeds 0 1 --out runs/probe
     lomt_train nyu --tasks seg,normal,depth --synthetic --lomt runs/probe/profile.json
