@@ -18,8 +18,8 @@ set's warm state (:meth:`Method.restore` puts it back before every timed round):
   ".[peers]"``): its ``PruneOptimizer`` over ``Adam(fused=True)`` with ``ProxGroupLasso``, which
   keeps a latent copy of the weights, takes Adam's step on it and writes the prox of it into
   the weights. PAT has no grouper for a conv's input channels: ``Dim1Grouper`` groups the
-  columns ``W[:, c, i, j]`` of the ``[N, C*kh*kw]`` view, so its ``zeroed`` figure counts
-  other groups than ours.
+  columns ``W[:, c, i, j]`` of the ``[N, C*kh*kw]`` view, and its ``zeroed`` figure counts the
+  input channels all of whose columns it zeroed.
 
 All hyperparameters come from :mod:`benchmarks.params`; groups are input channels.
 """
@@ -229,8 +229,10 @@ class Method:
             from torchao.prototype.pat import PruneOptimizer
 
             rest = [p for p, m in zip(self.params, pset.prox_mask) if not m]
+            # PAT thresholds its latent weights by reg_lambda * gamma * sqrt(n_G), gamma the running
+            # sum of the lr (pset.step * LR here): this reg_lambda gives our lr * lambda_ * sqrt(n_G).
             groups = [{"params": self.prox_params, "group_type": "Dim1Grouper", "prox_type": "ProxGroupLasso",
-                       "reg_lambda": self.lambda_}]
+                       "reg_lambda": self.lambda_ / pset.step}]
             base = torch.optim.Adam(groups + ([{"params": rest}] if rest else []), lr=LR, betas=BETAS, eps=EPS, fused=True)
             self.optimizer = PruneOptimizer(base, warmup_steps=0)
             fused_state_step = True
