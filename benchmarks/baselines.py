@@ -14,6 +14,12 @@ set's warm state (:meth:`Method.restore` puts it back before every timed round):
   approach to the adaptive (weighted) prox, ``Adam(fused=True)`` and then, layer by layer, a fixed
   number of plain Newton iterations per group (:func:`published_weighted_prox_`).
 * **fused** -- :class:`lomt_kernels.FusedGroupProxAdam` with a named backend.
+* **peer** -- torchao's pruning-aware training (``torchao.prototype.pat``, ``pip install -e
+  ".[peers]"``): its ``PruneOptimizer`` over ``Adam(fused=True)`` with ``ProxGroupLasso``, which
+  keeps a latent copy of the weights, takes Adam's step on it and writes the prox of it into
+  the weights. PAT has no grouper for a conv's input channels: ``Dim1Grouper`` groups the
+  columns ``W[:, c, i, j]`` of the ``[N, C*kh*kw]`` view, and its ``zeroed`` figure counts the
+  input channels all of whose columns it zeroed.
 
 All hyperparameters come from :mod:`benchmarks.params`; groups are input channels.
 """
@@ -64,6 +70,9 @@ UNFUSED = (
         "unfused", "group_weighted",
     ),
 )
+PAT = MethodSpec(
+    "pat-group", "torchao PAT: PruneOptimizer(Adam(fused)) + ProxGroupLasso, Dim1Grouper", "peer", "group"
+)
 #: The unfused method each fused prox is compared (and, in small mode, checked) against.
 UNFUSED_FOR = {"group": "unfused-group", "l1": "unfused-l1", "group_weighted": "published-weighted"}
 
@@ -83,6 +92,8 @@ def all_specs(backends: tuple[str, ...] = BACKENDS) -> list[MethodSpec]:
             specs.append(WEIGHTED_TRAFFIC)
         specs.append(next(s for s in UNFUSED if s.key == UNFUSED_FOR[prox]))
         specs.extend(fused_spec(b, prox) for b in backends)
+        if prox == "group":
+            specs.append(PAT)
     return specs
 
 
@@ -95,6 +106,11 @@ def error_summary(exc: BaseException) -> str:
 def skip_reason(spec: MethodSpec, device: torch.device | str) -> str | None:
     """Why ``spec`` cannot be benchmarked on ``device`` (``None`` if it can)."""
     device = torch.device(device)
+    if spec.kind == "peer":
+        try:
+            import torchao.prototype.pat  # noqa: F401
+        except ImportError as exc:
+            return f"torchao is not installed ({exc}); pip install -e \".[peers]\""
     if spec.kind != "fused":
         if device.type == "cuda" and not torch.cuda.is_available():
             return "no CUDA device"
@@ -199,6 +215,7 @@ class Method:
         for p, g in zip(self.params, pset.grads):
             p.grad = g
         self.prox_params = [p for p, m in zip(self.params, pset.prox_mask) if m]
+        self.prox_params_set = set(self.prox_params)
         # FusedGroupProxAdam and fused Adam keep step counts on the params' device, foreach Adam on the CPU.
         state_step_on_device = True
         if spec.kind == "fused":
@@ -209,6 +226,16 @@ class Method:
             self.optimizer: torch.optim.Optimizer = FusedGroupProxAdam(
                 groups, lr=LR, betas=BETAS, eps=EPS, grouping="in_channel", backend=spec.backend
             )
+        elif spec.kind == "peer":
+            from torchao.prototype.pat import PruneOptimizer
+
+            rest = [p for p, m in zip(self.params, pset.prox_mask) if not m]
+            # PAT thresholds its latent weights by reg_lambda * gamma * sqrt(n_G), gamma the running
+            # sum of the lr (pset.step * LR here): this reg_lambda gives our lr * lambda_ * sqrt(n_G).
+            groups = [{"params": self.prox_params, "group_type": "Dim1Grouper", "prox_type": "ProxGroupLasso",
+                       "reg_lambda": self.lambda_ / pset.step}]
+            base = torch.optim.Adam(groups + ([{"params": rest}] if rest else []), lr=LR, betas=BETAS, eps=EPS, fused=True)
+            self.optimizer = PruneOptimizer(base, warmup_steps=0)
         else:
             foreach = spec.key == "adam-foreach"
             self.optimizer = torch.optim.Adam(
@@ -237,6 +264,14 @@ class Method:
             state["exp_avg"].copy_(m0)
             state["exp_avg_sq"].copy_(v0)
             state["step"].fill_(self.pset.step)
+        if self.spec.kind == "peer":
+            # PAT's step past its first: Adam on the latent copy (here the warm params), then the prox.
+            for p, p0 in zip(self.params, self.pset.params):
+                if p in self.prox_params_set:
+                    self.optimizer.state[p]["latent"] = p0.clone()
+            self.optimizer.num_steps = 1
+            for group in self.optimizer.regularized_param_groups():
+                group["gamma"] = self.pset.step * LR  # AProx's running sum of the lr, at the set's step
         flush_caches(self.pset.device)
         self.synchronize()
 

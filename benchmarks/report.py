@@ -290,7 +290,7 @@ def render(
             if row.failed:
                 failed.setdefault(row.spec.label, f"{row.skipped} (set {r.name})")
             elif row.skipped is not None:
-                skipped.setdefault(row.spec.backend, row.skipped)
+                skipped.setdefault(f"backend `{row.spec.backend}`" if row.spec.backend else f"`{row.spec.label}`", row.skipped)
     parts = [
         "# Optimizer step benchmarks: fused against unfused",
         "",
@@ -332,8 +332,8 @@ def render(
             "1.8-1.9x (1.6x), and the group step 1.1-1.25x. Compare ratios within one run, not "
             "times across runs."
         )
-    for backend, reason in skipped.items():
-        parts.append(f"* Skipped backend `{backend}`: {reason}")
+    for name, reason in skipped.items():
+        parts.append(f"* Skipped {name}: {reason}")
     for label, error in failed.items():
         parts.append(f"* **Failed** `{label}`, left out: {error}")
     parts += ["", "## Performance summary", "", performance_paragraph(results, device, threads, copy_gbs), "", "## Results", ""]

@@ -2,6 +2,7 @@
 
     lomt_train nyu --tasks seg,normal,depth --synthetic
     lomt_train celeba --tasks seg,male,smile --data /data/CelebAMask-HQ --paper --lambda 1e-5 1e-4
+    lomt_train nyu --tasks seg,normal,depth --synthetic --epochs 20 --target-sparsity 50
     lomt_train report runs/nyu-seg+normal+depth --out reports/nyu
     lomt_train lomt-probe nyu --tasks seg,normal,depth --synthetic --seeds 0 1 --out runs/probe
     lomt_train nyu --tasks seg,normal,depth --synthetic --lomt runs/probe/profile.json
@@ -44,6 +45,15 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layout", choices=["nyud_mt", "mtan"], help="NYU-v2 layout (detected when omitted)")
     p.add_argument("--paper", action="store_true", help="the papers' protocol: lr 1e-4, 256x256, batch 16/32, 5 seeds, ResNet-50")
     p.add_argument("--lambda", dest="lambdas", type=float, nargs="+", help="sparsity strength(s); several = a sweep")
+    p.add_argument("--target-sparsity", type=float, metavar="P",
+                   help="learn λ during training so that P%% of the backbone's channel groups end at zero (--lambda: start)")
+    p.add_argument("--target-macs", type=float, metavar="F",
+                   help="learn λ so that the compacted backbone ends at F times the dense MACs per image (--lambda: start)")
+    p.add_argument("--healing-epochs", type=int, metavar="N",
+                   help="with a target: the last N epochs freeze the zero groups and fine-tune the rest "
+                        "(default: a fifth of the epochs; 0: no healing)")
+    p.add_argument("--peer", choices=["pat"],
+                   help="reach --target-sparsity with torchao's PAT (min-sparsity constraint, healing) instead of our controller")
     p.add_argument("--prox", choices=["group", "group_weighted", "l1", "none"])
     p.add_argument("--grouping", choices=["in_channel", "out_channel"])
     p.add_argument("--seeds", type=int, nargs="+", help="seed(s); several = repeated trials")

@@ -14,10 +14,9 @@ means the conv ignores input channel ``c``; compaction removes that work:
   full width, so the conv gets a gather, ``conv'(x.index_select(1, keep))`` with
   ``conv'.weight = W[:, keep]`` (:class:`GatherConv2d`).
 
-Both rules give, for every backbone conv with weight ``[C_out, C_in, k, k]``, kept output rows
-``keep_out`` (all of them unless the conv is a chain's P) and kept input groups
-``keep_in = {c : W[keep_out, c] != 0}``. Convs are visited in reverse graph order, so a chain's C
-is settled before its P reads C's ``keep_in``. Heads and every tensor a head reads are untouched.
+The plan of kept channels comes from :func:`lomt_kernels.macs.channel_plan` (which also counts
+the MACs a compacted model would compute, without building it). Heads and every tensor a head
+reads are untouched.
 
 Parameter accounting (what :func:`count_params` counts: every ``nn.Parameter``, not buffers such
 as BatchNorm running statistics or gather indices): the compact model has
@@ -35,16 +34,15 @@ from __future__ import annotations
 
 import copy
 import json
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.fx import GraphModule, Node
 from torch.utils.flop_counter import FlopCounterMode
+
+from lomt_kernels.macs import channel_plan
 
 from .checkpoint import atomic_save, atomic_write_text, load_checkpoint
 from .config import RunConfig
@@ -73,75 +71,6 @@ class GatherConv2d(nn.Module):
         return self.conv(x.index_select(1, self.index))
 
 
-@dataclass
-class _Plan:
-    """Kept channels of one backbone conv; ``bn`` is the BatchNorm whose entries follow ``keep_out``."""
-
-    keep_in: Tensor
-    keep_out: Tensor
-    gather: bool
-    bn: str | None = None
-
-
-def _nonzero_groups(weight: Tensor) -> Tensor:
-    """Indices of input channels ``c`` with ``weight[:, c] != 0``; at least one (a conv needs an input)."""
-    keep = (weight.detach() != 0).flatten(2).any(dim=2).any(dim=0).nonzero().flatten()
-    return keep if keep.numel() else torch.zeros(1, dtype=torch.long)
-
-
-def _single_user(node: Node) -> Node | None:
-    users = list(node.users)
-    return users[0] if len(users) == 1 else None
-
-
-def _plan(backbone: GraphModule) -> dict[str, _Plan]:
-    """Kept channels for every conv of ``backbone`` (see the module docstring for the rules)."""
-    calls = Counter(n.target for n in backbone.graph.nodes if n.op == "call_module")
-
-    def module(node: Node | None, kind: type) -> nn.Module | None:
-        if node is None or node.op != "call_module":
-            return None
-        # Narrowing a conv or BN narrows all its calls, so one called twice is left alone;
-        # a ReLU has no channels and is shared by every call in a torchvision block.
-        if calls[node.target] != 1 and kind is not nn.ReLU:
-            return None
-        m = backbone.get_submodule(node.target)
-        return m if isinstance(m, kind) else None
-
-    def chain_consumer(node: Node) -> tuple[str, str] | None:
-        """``(bn, consumer conv)`` when ``node`` (a conv) starts a private chain, else ``None``."""
-        bn = _single_user(node)
-        if module(bn, nn.BatchNorm2d) is None:
-            return None
-        relu = _single_user(bn)
-        if module(relu, nn.ReLU) is None:
-            return None
-        conv = _single_user(relu)
-        if module(conv, nn.Conv2d) is None or conv.args[0] is not relu:
-            return None
-        return bn.target, conv.target
-
-    plans: dict[str, _Plan] = {}
-    fed_by_chain: set[str] = set()
-    for node in reversed(list(backbone.graph.nodes)):
-        conv = module(node, nn.Conv2d)
-        if conv is None or conv.groups != 1:
-            continue
-        chain = chain_consumer(node)
-        keep_out = torch.arange(conv.out_channels)
-        bn = None
-        if chain is not None and chain[1] in plans:
-            bn, consumer = chain
-            keep_out = plans[consumer].keep_in
-            fed_by_chain.add(consumer)
-        keep_in = _nonzero_groups(conv.weight[keep_out])
-        plans[node.target] = _Plan(keep_in, keep_out, gather=False, bn=bn)
-    for name, plan in plans.items():
-        full = backbone.get_submodule(name).in_channels
-        plan.gather = name not in fed_by_chain and plan.keep_in.numel() < full
-    return plans
-
-
 def _narrow_conv(conv: nn.Conv2d, in_channels: int, out_channels: int) -> nn.Conv2d:
     """An empty conv with ``conv``'s hyperparameters and the given widths."""
     return nn.Conv2d(
@@ -155,7 +84,7 @@ def _narrow_bn(bn: nn.BatchNorm2d, channels: int) -> nn.BatchNorm2d:
                           track_running_stats=bn.track_running_stats)
 
 
-def _apply_shapes(backbone: GraphModule, spec: dict[str, Any]) -> None:
+def _apply_shapes(backbone: nn.Module, spec: dict[str, Any]) -> None:
     """Replace the backbone's convs and BatchNorms by empty ones of the widths in ``spec``."""
     # New modules take the place, device and mode of the old ones.
     for name, entry in spec["convs"].items():
@@ -179,7 +108,7 @@ def compact_model(model: MultiTaskModel) -> tuple[MultiTaskModel, dict[str, Any]
     """
     source = model.backbone
     plans = {
-        name: plan for name, plan in _plan(source).items()
+        name: plan for name, plan in channel_plan(source).items()
         if plan.keep_in.numel() < source.get_submodule(name).in_channels
         or plan.keep_out.numel() < source.get_submodule(name).out_channels
     }

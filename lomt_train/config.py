@@ -19,6 +19,11 @@ class RunConfig:
     """Everything that determines a run. Saved as ``config.json`` in the run folder.
 
     ``lambda_`` and ``seed`` are single values here; sweeps expand into one config per run.
+    With ``target_sparsity`` (percent of the backbone's conv groups at zero) or ``target_macs``
+    (the compacted backbone's MACs as a fraction of the dense one's), ``lambda_`` is only the
+    starting value of a :class:`lomt_kernels.LambdaController`, and the last
+    ``healing_epochs`` (default: a fifth of the epochs; 0: none) fine-tune with the zero groups
+    frozen. ``peer="pat"`` reaches ``target_sparsity`` with torchao's PAT instead (:mod:`lomt_train.pat`).
     """
 
     dataset: str
@@ -28,6 +33,10 @@ class RunConfig:
     layout: str | None = None
     out: str = "runs"
     lambda_: float = 0.0
+    target_sparsity: float | None = None
+    target_macs: float | None = None
+    healing_epochs: int | None = None
+    peer: str | None = None
     prox: str = "group_weighted"
     grouping: str = "in_channel"
     seed: int = 0

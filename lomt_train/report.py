@@ -1,11 +1,14 @@
 """Run folders into the papers' tables (Markdown, CSV) and figures (PNG).
 
-* ``table.md`` / ``table.csv``: per experiment and lambda_, every test metric and the group
-  and parameter sparsity, as mean +- std over seeds (Tables 1-2 of *Less is More*).
+* ``table.md`` / ``table.csv``: per experiment and setting (a fixed lambda_, a target sparsity
+  or MAC budget reached by a learned λ, or a peer method's target), every test metric, the
+  group and parameter sparsity and the backbone's MAC fraction after compaction, as mean +- std
+  over seeds (Tables 1-2 of *Less is More*).
 * ``channels_<experiment>.png``: input channels per backbone conv layer before and after
   sparsification (Fig. 3).
 * ``lambda_<experiment>.png``: against lambda_, (a) each task's primary metric, (b) group and
   parameter sparsity, (c) group sparsity during training, (d) inference time (Fig. 4).
+* ``target_<experiment>.png``: for the target runs, the measured figure and λ against epoch.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 import matplotlib
 
@@ -46,21 +49,61 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def _experiments(runs: list[Path]) -> dict[str, dict[float, list[Path]]]:
-    """Runs grouped by experiment (dataset, tasks, prox) and lambda_."""
-    grouped: dict[str, dict[float, list[Path]]] = defaultdict(lambda: defaultdict(list))
+class Setting(NamedTuple):
+    """What a run asked for: ``kind`` is ``"lambda"`` (a fixed λ), ``"sparsity"`` (a target % of
+    zero groups), ``"macs"`` (a target MAC fraction) or ``"pat"`` (torchao's PAT at a target %)."""
+
+    kind: str
+    value: float
+
+    @property
+    def label(self) -> str:
+        return {
+            "lambda": f"λ={self.value:g}", "sparsity": f"target {self.value:g}% groups",
+            "macs": f"target MACs {self.value:g}", "pat": f"PAT {self.value:g}% groups",
+        }[self.kind]
+
+
+_KINDS = ("lambda", "sparsity", "macs", "pat")
+
+
+def _setting(config: dict[str, Any]) -> Setting:
+    if config.get("peer"):
+        return Setting(config["peer"], config["target_sparsity"])
+    if config.get("target_sparsity") is not None:
+        return Setting("sparsity", config["target_sparsity"])
+    if config.get("target_macs") is not None:
+        return Setting("macs", config["target_macs"])
+    return Setting("lambda", config["lambda_"])
+
+
+def _experiments(runs: list[Path]) -> dict[str, dict[Setting, list[Path]]]:
+    """Runs grouped by experiment (dataset, tasks, prox, grouping) and setting, in a fixed order."""
+    grouped: dict[str, dict[Setting, list[Path]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
         config = _load(run, "config.json")
         name = f"{config['dataset']}-{'+'.join(config['tasks'])}-{config['prox']}"
-        grouped[name][config["lambda_"]].append(run)
-    return grouped
+        if config.get("grouping", "in_channel") != "in_channel":
+            name += f"-{config['grouping']}"
+        grouped[name][_setting(config)].append(run)
+    order = lambda item: (_KINDS.index(item[0].kind), item[0].value)  # noqa: E731
+    return {name: dict(sorted(by.items(), key=order)) for name, by in grouped.items()}
 
 
-def _table_rows(by_lambda: dict[float, list[Path]]) -> list[dict[str, str]]:
+def _learned_lambda(run: Path) -> float | None:
+    """The last λ a target run's controller set before healing (``None`` for other runs)."""
+    rows = [row for row in _load(run, "history.json") if "target" in row and row["lambda_"] > 0]
+    return rows[-1]["lambda_"] if rows else None
+
+
+def _table_rows(by_setting: dict[Setting, list[Path]]) -> list[dict[str, str]]:
     rows = []
-    for lam in sorted(by_lambda):
-        results = [_load(run, "results.json") for run in by_lambda[lam]]
-        row = {"lambda_": f"{lam:g}", "seeds": str(len(results))}
+    for setting, runs in by_setting.items():
+        results = [_load(run, "results.json") for run in runs]
+        row = {"setting": setting.label, "seeds": str(len(results))}
+        learned = [lam for lam in map(_learned_lambda, runs) if lam is not None]
+        row["λ at the end"] = f"{statistics.fmean(learned):.3g}" if learned else (
+            f"{setting.value:g}" if setting.kind == "lambda" else "—")
         for task, metrics in results[0]["test"].items():
             for metric in metrics:
                 mean, std = _mean_std([r["test"][task][metric] for r in results])
@@ -68,15 +111,18 @@ def _table_rows(by_lambda: dict[float, list[Path]]) -> list[dict[str, str]]:
         for key in ("group_sparsity", "param_sparsity"):
             mean, std = _mean_std([r[key] for r in results])
             row[f"{key} %"] = f"{mean:.1f} ± {std:.1f}"
+        if all("mac_fraction" in r for r in results):
+            mean, std = _mean_std([r["mac_fraction"] for r in results])
+            row["MAC fraction"] = f"{mean:.3f} ± {std:.3f}"
         rows.append(row)
     return rows
 
 
-def _write_tables(experiments: dict[str, dict[float, list[Path]]], out: Path) -> list[Path]:
+def _write_tables(experiments: dict[str, dict[Setting, list[Path]]], out: Path) -> list[Path]:
     md_lines, csv_rows = [], []
-    for name, by_lambda in experiments.items():
-        rows = _table_rows(by_lambda)
-        columns = list(rows[0])
+    for name, by_setting in experiments.items():
+        rows = _table_rows(by_setting)
+        columns = list(dict.fromkeys(c for row in rows for c in row))
         md_lines += [f"## {name}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         md_lines += ["| " + " | ".join(row.get(c, "") for c in columns) + " |" for row in rows]
         md_lines.append("")
@@ -91,23 +137,53 @@ def _write_tables(experiments: dict[str, dict[float, list[Path]]], out: Path) ->
     return [md, table]
 
 
-def _plot_channels(name: str, by_lambda: dict[float, list[Path]], out: Path) -> Path:
+def _plot_channels(name: str, by_setting: dict[Setting, list[Path]], out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(12, 4))
-    lambdas = sorted(by_lambda)
-    layers = _load(by_lambda[lambdas[0]][0], "sparsity.json")["layers"]
+    layers = _load(next(iter(by_setting.values()))[0], "sparsity.json")["layers"]
     x = range(len(layers))
     ax.bar(x, [layer["groups"] for layer in layers], color="lightgray", label="before (all channels)")
-    for lam in lambdas:
-        if lam == 0:
+    for setting, runs in by_setting.items():
+        if setting == Setting("lambda", 0.0):
             continue
-        after = _load(by_lambda[lam][0], "sparsity.json")["layers"]
-        ax.plot(x, [layer["groups"] - layer["zero_groups"] for layer in after], marker=".", label=f"after, λ={lam:g}")
+        after = _load(runs[0], "sparsity.json")["layers"]
+        ax.plot(x, [layer["groups"] - layer["zero_groups"] for layer in after], marker=".", label=f"after, {setting.label}")
     ax.set_xticks(list(x), [layer["name"].removeprefix("backbone.") for layer in layers], rotation=90, fontsize=6)
     ax.set_ylabel("input channels")
     ax.set_title(f"{name}: channels per conv layer")
     ax.legend()
     fig.tight_layout()
     path = out / f"channels_{name}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _plot_target(name: str, by_setting: dict[Setting, list[Path]], out: Path) -> Path:
+    """(a) the figure each target run steered (its first seed) and its target, (b) λ, against epoch."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for setting, runs in by_setting.items():
+        history = _load(runs[0], "history.json")
+        epochs = [row["epoch"] for row in history]
+        if setting.kind == "pat":
+            figure, goal = [row["group_sparsity"] / 100 for row in history], setting.value / 100
+        else:
+            figure = [row["target"]["figure"] for row in history]
+            goal = setting.value / 100 if setting.kind == "sparsity" else setting.value
+            axes[1].plot(epochs, [row["lambda_"] if row["lambda_"] > 0 else float("nan") for row in history],
+                         marker=".", label=setting.label)
+        (line,) = axes[0].plot(epochs, figure, marker=".", label=setting.label)
+        axes[0].axhline(goal, color=line.get_color(), linestyle="--", linewidth=0.8)
+    axes[0].set_title("(a) figure at the end of each epoch (dashed: target)")
+    axes[0].set_ylabel("zero-group fraction / MAC fraction")
+    axes[1].set_title("(b) λ at the end of each epoch (healing: λ = 0, not drawn)")
+    axes[1].set_yscale("log")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(name)
+    fig.tight_layout()
+    path = out / f"target_{name}.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -164,7 +240,12 @@ def write_report(paths: Iterable[Path], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     experiments = _experiments(runs)
     written = _write_tables(experiments, out)
-    for name, by_lambda in experiments.items():
-        written.append(_plot_channels(name, by_lambda, out))
-        written.append(_plot_lambda(name, by_lambda, out))
+    for name, by_setting in experiments.items():
+        written.append(_plot_channels(name, by_setting, out))
+        by_lambda = {s.value: runs for s, runs in by_setting.items() if s.kind == "lambda"}
+        if by_lambda:
+            written.append(_plot_lambda(name, by_lambda, out))
+        targets = {s: runs for s, runs in by_setting.items() if s.kind != "lambda"}
+        if targets:
+            written.append(_plot_target(name, targets, out))
     return written

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from lomt_kernels import FusedGroupProxAdam, group_sparsity, prox_param_groups
+from lomt_kernels import FusedGroupProxAdam, MacFraction, group_sparsity, prox_param_groups
 
 from .atomic import remove_orphans
 from .checkpoint import (
@@ -40,6 +40,8 @@ from .losses import build_weighting
 from .models import MultiTaskModel, build_model
 from .nonfinite import NonFiniteGuard, all_finite
 from .resume import check_resume
+from .pat import check_peer, pat_optimizer
+from .targets import WARMUP_EPOCHS, build_controller, check_target, healing_epochs, selectable, target_label
 from .tasks import Task, get_task, resolve_tasks
 from .timing import measure_latency
 
@@ -67,9 +69,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def run_dir_for(config: RunConfig) -> Path:
-    """``<out>/<dataset>-<tasks>/<prox>-lambda<lambda_>/seed<seed>``."""
+    """``<out>/<dataset>-<tasks>/<prox>-lambda<lambda_>/seed<seed>``; a target run's folder is
+    ``<prox>-sparsity<P>`` or ``<prox>-macs<F>`` instead of ``<prox>-lambda<lambda_>``."""
     tasks = "+".join(config.tasks)
-    return Path(config.out) / f"{config.dataset}-{tasks}" / f"{config.prox}-lambda{config.lambda_:g}" / f"seed{config.seed}"
+    setting = target_label(config) or f"lambda{config.lambda_:g}"
+    return Path(config.out) / f"{config.dataset}-{tasks}" / f"{config.peer or config.prox}-{setting}" / f"seed{config.seed}"
 
 
 def validate(config: RunConfig) -> list[Task]:
@@ -98,6 +102,8 @@ def validate(config: RunConfig) -> list[Task]:
         raise FileNotFoundError(f"--data {config.data}: no such folder")
     resolve_device(config.device)
     build_weighting(config.weighting, config.tasks)
+    check_target(config)
+    check_peer(config)
     return resolve_tasks(config.tasks, config.dataset, depth_loss=config.depth_loss)
 
 
@@ -250,7 +256,7 @@ def _flatten(row: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def build_run(config: RunConfig, tasks: list[Task], num_classes: int, device: torch.device):
+def build_run(config: RunConfig, tasks: list[Task], num_classes: int, device: torch.device, steps_per_epoch: int):
     """Model, loss weighting, optimizer and LR schedule of a run, on ``device``."""
     model = build_model(
         tasks, num_classes=num_classes, backbone=config.backbone, weights=config.weights,
@@ -262,7 +268,10 @@ def build_run(config: RunConfig, tasks: list[Task], num_classes: int, device: to
     weighting_params = list(weighting.parameters())
     if weighting_params:
         groups.append({"params": weighting_params, "lambda_": 0.0, "weight_decay": 0.0})
-    optimizer = FusedGroupProxAdam(groups, lr=config.lr, weight_decay=config.weight_decay, backend=config.backend)
+    if config.peer == "pat":
+        optimizer = pat_optimizer(config, groups, steps_per_epoch, WARMUP_EPOCHS, healing_epochs(config))
+    else:
+        optimizer = FusedGroupProxAdam(groups, lr=config.lr, weight_decay=config.weight_decay, backend=config.backend)
     if config.lr_schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     elif config.lr_schedule == "step":
@@ -333,8 +342,11 @@ def _train(
     common = dict(tasks=names, image_size=config.image_size, layout=config.layout, seed=config.seed)
     train_set = build_dataset(config.dataset, root, "train", augment=config.augment, **common)
     val_set = build_dataset(config.dataset, root, "val", **common)
-    model, weighting, optimizer, scheduler = build_run(config, tasks, train_set.num_classes, device)
+    steps_per_epoch = len(_train_loader(train_set, config, ctx, 0))
+    model, weighting, optimizer, scheduler = build_run(config, tasks, train_set.num_classes, device, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp and device.type == "cuda")
+    controller = build_controller(config, model, optimizer, device, steps_per_epoch)
+    target = None
 
     history: list[dict[str, Any]] = []
     best = {"score": math.inf, "epoch": -1, "bad_epochs": 0}
@@ -349,6 +361,8 @@ def _train(
             scaler.load_state_dict(ckpt["scaler"])
             set_rng_state(ckpt["rng"])
             guard.load_state_dict(ckpt.get("nonfinite", {"skipped": 0, "consecutive": 0}))
+            if controller is not None:
+                controller.load_state_dict(ckpt["controller"])
             history, best, start_epoch = ckpt["history"], ckpt["best"], ckpt["epoch"] + 1
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise CheckpointError(
@@ -385,21 +399,24 @@ def _train(
             guard.update(finite, losses, _batch_name(train_set, batch, epoch, step))
             if not finite:
                 continue
+            if controller is not None:
+                target = controller.update()
             n = batch["image"].shape[0]
             seen += n
             for k, v in losses.items():
                 sums[k] += v.item() * n
-            bar.set_postfix(loss=f"{total.item():.3f}")
+            bar.set_postfix(loss=f"{total.item():.3f}", lam=f"{optimizer.param_groups[0].get('lambda_', 0.0):.3g}")
         scheduler.step()
 
         val_losses, val_metrics = evaluate(model, val_loader, tasks, config, ctx)
         sparsity = group_sparsity(model.backbone, config.grouping)
         score = sum(val_losses.values())
-        if score < best["score"]:
+        eligible = selectable(config, epoch, controller)
+        if eligible and score < best["score"]:
             best = {"score": score, "epoch": epoch, "bad_epochs": 0}
             if ctx.is_main:
                 atomic_save({"model": model.state_dict(), "epoch": epoch}, run_dir / "best.pt")
-        else:
+        elif eligible:
             best["bad_epochs"] += 1
         row = {
             "epoch": epoch + 1,
@@ -412,6 +429,8 @@ def _train(
             "param_sparsity": sparsity.param_sparsity,
             "nonfinite_groups": sparsity.nonfinite_groups,
             "skipped_steps": guard.skipped - skipped_before,
+            "lambda_": optimizer.param_groups[0].get("lambda_", 0.0),
+            **({"target": target} if target is not None else {}),
             "seconds": time.perf_counter() - started,
         }
         history.append(row)
@@ -424,12 +443,14 @@ def _train(
                     "scaler": scaler.state_dict(), "rng": rng_state(), "epoch": epoch,
                     "history": history, "best": best, "nonfinite": guard.state_dict(),
                     "config": dataclasses.asdict(config),
+                    "controller": None if controller is None else controller.state_dict(),
                 },
                 run_dir / "last.pt",
             )
         ctx.barrier()
         if progress:
-            tqdm.write(summary_line(f"epoch {row['epoch']} val", row["val"], row["group_sparsity"]))
+            line = summary_line(f"epoch {row['epoch']} val", row["val"], row["group_sparsity"])
+            tqdm.write(line if target is None else f"{line} | {target_summary(config, target)}")
         epochs_run += 1
         if stop_after is not None and epochs_run >= stop_after and epoch + 1 < config.epochs:
             return None
@@ -453,6 +474,13 @@ def summary_line(label: str, metrics: dict[str, dict[str, float]], group_sparsit
         parts.append(f"{name} {primary}={values[primary]:.4g}")
     parts.append(f"group sparsity {group_sparsity:.1f}%")
     return " | ".join(parts)
+
+
+def target_summary(config: RunConfig, record: dict[str, Any]) -> str:
+    """A controller's last record in words: the figure against its goal, and the next λ."""
+    figure = "MACs" if config.target_macs is not None else "zero groups"
+    return (f"{figure} {record['figure']:.3f} (goal {record['goal']:.3f}) | {record['phase']} "
+            f"| next λ {record['lambda_']:.3g}")
 
 
 def _finish(
@@ -488,6 +516,7 @@ def _finish(
         "test": test_metrics,
         "group_sparsity": sparsity["total"]["group_sparsity"],
         "param_sparsity": sparsity["total"]["param_sparsity"],
+        "mac_fraction": MacFraction(model.backbone, torch.zeros(1, 3, config.image_size, config.image_size, device=ctx.device))(),
         "lambda_": config.lambda_,
         "seed": config.seed,
         "tasks": [t.name for t in tasks],

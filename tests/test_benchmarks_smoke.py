@@ -3,6 +3,7 @@
 The suite itself runs in CI in its small mode, as part of the plain ``pytest``.
 """
 
+import importlib.util
 import math
 
 import pytest
@@ -178,3 +179,21 @@ def test_ratio_table_puts_each_fused_step_beside_fused_adam_and_its_unfused_coun
     assert not any("[torch]" in line for line in lines)  # the reference is not a fused kernel
     assert lines.index(other) > lines.index(group) and lines[-1].split()[-4:] == ["4.00", "-", "-", "-"]
     assert ratio_table([Timing(group, FLOOR[0], 0.01)]) == ""
+
+
+def test_pat_is_measured_beside_us_or_skipped_with_its_reason():
+    from benchmarks.baselines import PAT, all_specs, skip_reason
+
+    assert PAT in all_specs()
+    reason = skip_reason(PAT, "cpu")
+    if importlib.util.find_spec("torchao") is None:
+        assert 'pip install -e ".[peers]"' in reason
+        return
+    assert reason is None
+    method = Method(PAT, build_set("small-convs"))
+    method.timed_step()
+    first = [p.detach().clone() for p in method.params]
+    method.timed_step()  # restore() puts the warm state and PAT's latent copy back: the same step
+    assert all(torch.equal(p, q) for p, q in zip(method.params, first))
+    assert not all(torch.equal(p, q) for p, q in zip(method.params, method.pset.params))
+    assert method.zero_group_fraction() > 0  # PAT's prox zeroed some of the (in-channel) groups
