@@ -181,9 +181,13 @@ def _plot_target(name: str, by_setting: dict[Setting, list[Path]], out: Path) ->
         ax.set_xlabel("epoch")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    fig.suptitle(name)
+    return _save(fig, name, out / f"target_{name}.png")
+
+
+def _save(fig, title: str, path: Path) -> Path:
+    """Title ``fig``, write it to ``path`` as a PNG and close it."""
+    fig.suptitle(title)
     fig.tight_layout()
-    path = out / f"target_{name}.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -226,12 +230,7 @@ def _plot_lambda(name: str, by_lambda: dict[float, list[Path]], out: Path) -> Pa
             ax.set_xscale("log")
             ax.set_xlabel("λ" + (" (0 drawn at the left end)" if 0 in lambdas and positive else ""))
         ax.legend(fontsize=7)
-    fig.suptitle(name)
-    fig.tight_layout()
-    path = out / f"lambda_{name}.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, name, out / f"lambda_{name}.png")
 
 
 def write_report(paths: Iterable[Path], out: Path) -> list[Path]:
