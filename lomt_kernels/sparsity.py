@@ -33,11 +33,6 @@ class LayerSparsity:
         """Percentage of elements that are exactly zero."""
         return 100.0 * self.zero_params / self.params if self.params else 0.0
 
-    @property
-    def active_fraction(self) -> float:
-        """Fraction of groups still non-zero (the LOMT probe's per-layer statistic)."""
-        return 1.0 - self.zero_groups / self.groups if self.groups else 0.0
-
 
 @dataclass
 class SparsityReport:

@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import DATASETS, PAPER_BATCH_SIZE, PAPER_PRESET, PAPER_SEEDS, SYNTHETIC_PRESET, RunConfig
-from .data import default_data_root
+from .config import PAPER_BATCH_SIZE, PAPER_PRESET, PAPER_SEEDS, SYNTHETIC_PRESET, RunConfig
+from .data import DATASET_NAMES, default_data_root
 from .tasks import resolve_tasks
 from .trainer import run_sweep, summary_line
 
@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     add_parser = functools.partial(sub.add_parser, parents=[common])
-    for name in DATASETS:
+    for name in DATASET_NAMES:
         _add_train_arguments(add_parser(name, help=f"train on {name} (single- or multi-task, sweeps, seeds)"))
     report = add_parser("report", help="tables and plots from run folders")
     report.add_argument("runs", nargs="+", type=Path, help="run folders, or folders that contain them")
@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         "lomt-probe",
         help="LOMT step 1: train each task alone with sparsity, write profile.json (attachment layers) and a heatmap",
     )
-    probe.add_argument("dataset", choices=DATASETS)
+    probe.add_argument("dataset", choices=DATASET_NAMES)
     _add_train_arguments(probe)
     compact = add_parser("compact", help="physically remove zero channel groups from a run's best model")
     compact.add_argument("run", type=Path, help="a run folder (config.json, best.pt)")
@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command in DATASETS:
+        if args.command in DATASET_NAMES:
             config, lambdas, seeds = config_from_args(args.command, args)
             results = run_sweep(config, lambdas, seeds, resume=args.resume, progress=not args.no_progress)
             for result in results if os.environ.get("RANK", "0") == "0" else []:

@@ -8,8 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-DATASETS = ("nyu", "celeba")
-
 # Fields that hold paths: compared after resolving, so ``./runs`` and ``runs`` are one folder.
 PATH_FIELDS = ("data", "out", "weights")
 

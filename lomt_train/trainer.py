@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -34,7 +35,7 @@ from .checkpoint import (
 )
 from .config import RunConfig
 from .distributed import DistContext, init_distributed, shard
-from .data import build_dataset, generate_cached, make_synthetic_celeba, make_synthetic_nyu
+from .data import DATASET_NAMES, build_dataset, generate_cached, make_synthetic_celeba, make_synthetic_nyu
 from .locking import LockedError, hold_lock
 from .losses import build_weighting
 from .models import MultiTaskModel, build_model
@@ -78,8 +79,8 @@ def run_dir_for(config: RunConfig) -> Path:
 
 def validate(config: RunConfig) -> list[Task]:
     """Check a config before any work is done; returns its tasks."""
-    if config.dataset not in ("nyu", "celeba"):
-        raise ValueError(f"unknown dataset {config.dataset!r}: expected 'nyu' or 'celeba'")
+    if config.dataset not in DATASET_NAMES:
+        raise ValueError(f"unknown dataset {config.dataset!r}: expected one of {DATASET_NAMES}")
     if config.lambda_ < 0:
         raise ValueError(f"lambda_={config.lambda_} is negative: the sparsity strength must be >= 0")
     for name in ("lambda_", "lr", "weight_decay"):
@@ -236,13 +237,11 @@ def train_step(
 def _write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
     atomic_write_text(json.dumps(history, indent=2), run_dir / "history.json")
     flat = [_flatten(row) for row in history]
-    columns = list(dict.fromkeys(k for row in flat for k in row))
-    tmp = run_dir / ".history.csv.tmp"
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(flat)
-    tmp.replace(run_dir / "history.csv")
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for row in flat for k in row)))
+    writer.writeheader()
+    writer.writerows(flat)
+    atomic_write_text(text.getvalue(), run_dir / "history.csv")
 
 
 def _flatten(row: dict[str, Any], prefix: str = "") -> dict[str, Any]:
