@@ -65,7 +65,7 @@ stage report 75 $python -m benchmarks.report --device cuda ${REPORT_ARGS:---sets
 wait $build
 stage cuda_tests 40 $python -m pytest -q -p no:cacheprovider $parallel -k "not extension_compiles" tests/test_kernels_cuda.py
 TAIL_LINES=6 stage paper_training 90 $python -m lomt_train nyu --tasks seg,normal,depth --synthetic --paper --seeds 0 \
-    --epochs 2 --lambda 1e-4 --no-progress --out "$out/paper-run"
+    --epochs 2 --lambda 1e-4 --out "$out/paper-run"
 $python - "$out" <<'EOF' | tee -a "$out/summary.log"
 import json, re, sys
 from pathlib import Path
