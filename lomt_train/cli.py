@@ -23,7 +23,7 @@ from typing import Any, Sequence
 from .config import PAPER_BATCH_SIZE, PAPER_PRESET, PAPER_SEEDS, SYNTHETIC_PRESET, RunConfig
 from .data import DATASET_NAMES, default_data_root
 from .tasks import resolve_tasks
-from .trainer import run_sweep, summary_line
+from .trainer import run_dir_for, run_sweep, summary_line, validate
 
 
 def _attach_pairs(values: Sequence[str]) -> dict[str, str]:
@@ -80,6 +80,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output folder (default: runs)")
     p.add_argument("--resume", action="store_true", help="continue the runs in --out from their last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved configuration, the λ values, the seeds and the run folders as JSON, and exit")
     p.add_argument("--max-nonfinite-steps", type=int,
                    help="stop after this many steps in a row with a non-finite loss or gradient (each is skipped; "
                    "default 5)")
@@ -127,6 +129,20 @@ def config_from_args(dataset: str, args: argparse.Namespace) -> tuple[RunConfig,
     return RunConfig.from_dict(values), lambdas, seeds
 
 
+def dry_run(config: RunConfig, lambdas: Sequence[float], seeds: Sequence[int]) -> str:
+    """What a command would run, as JSON: the resolved configuration (its ``lambda_`` and ``seed``
+    are the first of ``lambdas`` and ``seeds``), every λ and seed, and the run folders. Each run's
+    configuration is checked as training would check it; nothing is written."""
+    runs = []
+    for lambda_ in lambdas:
+        for seed in seeds:
+            run = dataclasses.replace(config, lambda_=lambda_, seed=seed)
+            validate(run)
+            runs.append(str(run_dir_for(run)))
+    resolved = dataclasses.asdict(dataclasses.replace(config, lambda_=lambdas[0], seed=seeds[0]))
+    return json.dumps({"config": resolved, "lambdas": list(lambdas), "seeds": list(seeds), "runs": runs}, indent=2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lomt_train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
@@ -158,6 +174,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command in DATASET_NAMES:
             config, lambdas, seeds = config_from_args(args.command, args)
+            if args.dry_run:
+                print(dry_run(config, lambdas, seeds))
+                return 0
             results = run_sweep(config, lambdas, seeds, resume=args.resume, progress=not args.no_progress)
             for result in results if os.environ.get("RANK", "0") == "0" else []:
                 label = f"{result.run_dir} test ({result.test_split})"

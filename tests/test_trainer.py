@@ -118,3 +118,14 @@ def test_cli_sweep_and_report(tmp_path):
     assert len(list(report.glob("*.png"))) == 2
     csv_lines = (report / "table.csv").read_text().splitlines()
     assert len(csv_lines) == 3  # header + two lambda_ values
+
+
+def test_dry_run_prints_what_would_run_and_writes_nothing(tmp_path, capsys):
+    argv = ["nyu", "--tasks", "seg,depth", "--synthetic", "--paper", "--lambda", "0", "1e-3", "--seeds", "0", "1",
+            "--out", str(tmp_path / "runs"), "--dry-run"]
+    assert main(argv) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["lambdas"] == [0.0, 1e-3] and plan["seeds"] == [0, 1] and len(plan["runs"]) == 4
+    assert plan["config"]["image_size"] == 256 and plan["config"]["lr"] == 1e-4  # --paper over --synthetic
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
+    assert main([*argv, "--lr", "-1"]) == 2  # checked as training would check it
