@@ -13,7 +13,8 @@ with ``t`` the step count after this step, ``s = lr / (1 - beta1^t)`` and ``c = 
 then per group ``G`` with ``tau = lr * lambda_ * sqrt(n_G)``: ``group`` scales ``z_G`` by
 ``max(0, 1 - tau/||z_G||)``; ``group_weighted`` solves the adaptive prox by Newton's method on
 ``phi(theta) = (sum_j z_j^2/(theta + tau/d_j)^2)^{-1/2} = 1`` from ``theta = 0`` (the first step
-in closed form), stopped at ``1 - phi <= rtol`` or ``MAX_ITER`` iterations, then
+in closed form), stopped once ``1 - phi <= rtol`` holds or provably will after the step (see
+``_newton_update``), or after ``MAX_ITER`` iterations, then
 ``p_j = d_j theta z_j / (d_j theta + tau)``; ``l1`` soft-thresholds at ``lr * lambda_``. A group
 whose statistics are not finite (a NaN or inf in ``z``, or in ``d`` for the weighted prox) is
 left at ``z``, as Adam leaves it, and so is a non-finite element under ``l1``.
@@ -162,35 +163,58 @@ def _group_scale(sum_sq, tau):
 
 
 @triton.jit
-def _first_theta(sum_dz2, sum_dz2_d, tau):
+def _first_theta(sum_dz2, sum_dz2_d, tau, rtol):
     """``theta`` after the Newton step from 0, in closed form,
-    ``||Dz||^2 (||Dz|| - tau) / sum (dz)^2 d``, for groups the prox does not zero, else 0; NaN
-    for groups whose sums are not finite (left at ``z``)."""
+    ``||Dz||^2 (||Dz|| - tau) / sum (dz)^2 d``, for groups the prox does not zero, else 0 (NaN for
+    groups whose sums are not finite: left at ``z``); and the groups still in flight. The step is
+    the last where ``1 - phi(0) <= rtol``: ``phi`` rises from ``phi(0) = tau / ||Dz||`` to at most 1
+    over it, so ``1 - phi`` stays within ``rtol``."""
     finite = _finite(sum_dz2) & _finite(sum_dz2_d)
-    active = finite & (tl.sqrt_rn(sum_dz2) > tau)
-    theta = tl.where(active, sum_dz2 * (tl.sqrt_rn(sum_dz2) - tau) / sum_dz2_d, 0.0)
-    return tl.where(finite, theta, float("nan")), active
+    norm = tl.sqrt_rn(sum_dz2)
+    active = finite & (norm > tau)
+    theta = tl.where(active, sum_dz2 * (norm - tau) / sum_dz2_d, 0.0)
+    return tl.where(finite, theta, float("nan")), active & (1 - tau / norm > rtol)
 
 
 @triton.jit
 def _newton_terms(z, a, theta):
-    """The summands of ``phi(theta)^{-2}`` and of ``-phi'(theta) / phi^3`` (``a = tau / d``)."""
-    q = z / (theta + a)
+    """The summands of ``s1 = sum q^2``, ``s2 = sum q^2 r`` and ``s3 = sum q^2 r^2``, with
+    ``r = 1 / (theta + a)``, ``q = z r`` and ``a = tau / d``: ``phi = s1^(-1/2)``,
+    ``phi' = phi^3 s2``, and ``s3`` bounds ``phi''`` (see :func:`_newton_update`)."""
+    r = 1 / (theta + a)
+    q = z * r
     q2 = q * q
-    return q2, q2 / (theta + a)
+    return q2, q2 * r, q2 * r * r
 
 
 @triton.jit
-def _newton_step(theta, active, sum_q2, sum_dq):
-    """One safeguarded Newton step on ``phi(theta) = 1``, clamped at 0, for active groups."""
-    phi = tl.rsqrt(sum_q2)
-    step = tl.maximum(theta + (1 - phi) / (sum_dq * phi * phi * phi), 0.0)
-    return tl.where(active, step, theta)
+def _newton_update(theta, in_flight, s1, s2, s3, rtol):
+    """One Newton update on ``phi(theta) = 1`` of the groups in flight, from a pass's sums at
+    their ``theta``; returns ``theta`` and the groups still in flight.
+
+    A group whose ``1 - phi <= rtol`` is done. The others step by ``delta = (1 - phi) / phi'``
+    (clamped at 0), and the step is their last when a bound on ``phi''`` over it, from the mean and
+    variance of ``r`` under the weights ``q^2 / s1``, shows it lands within ``rtol``: then no pass
+    is spent to confirm it. The same rule as the CPU kernel's ``newton_step``
+    (csrc/group_prox_adam_cpu.cpp), whose comment gives the proof.
+    """
+    phi = tl.rsqrt(s1)
+    gap = 1 - phi
+    delta = gap / (s2 * phi * phi * phi)
+    mean_r = s2 / s1
+    mean_r2 = s3 / s1
+    # Raised by 8 ulps of E r^2 against the cancellation in E r^2 - (E r)^2.
+    var_r = tl.maximum(mean_r2 - mean_r * mean_r, 0.0) + 8 * 1.1920928955078125e-07 * mean_r2
+    rho = delta / theta
+    spread = (1 + rho) * (tl.sqrt(var_r) + rho * tl.sqrt(mean_r2)) * delta
+    stepping = in_flight & (gap > rtol)
+    theta = tl.where(stepping, tl.maximum(theta + delta, 0.0), theta)
+    return theta, stepping & (1.5 * spread * spread > rtol)
 
 
 @triton.jit
-def _unconverged(active, sum_q2, rtol):
-    return tl.sum((active & (1 - tl.rsqrt(sum_q2) > rtol)).to(tl.int32)) > 0
+def _any(flags):
+    return tl.sum(flags.to(tl.int32)) > 0
 
 
 @triton.jit
@@ -258,17 +282,17 @@ def _fused(
         x = z * _group_scale(_group_totals(z * z, col0, width, BLOCK_C), tau)[None, :]
     else:
         dz2 = d * z * d * z
-        theta, active = _first_theta(_group_totals(dz2, col0, width, BLOCK_C), _group_totals(dz2 * d, col0, width, BLOCK_C), tau)
+        theta, in_flight = _first_theta(
+            _group_totals(dz2, col0, width, BLOCK_C), _group_totals(dz2 * d, col0, width, BLOCK_C), tau, rtol
+        )
         a = tau / d
-        q2, dq = _newton_terms(z, a, theta[None, :])
-        sum_q2 = _group_totals(q2, col0, width, BLOCK_C)
-        sum_dq = _group_totals(dq, col0, width, BLOCK_C)
         it = 1
-        while _unconverged(active, sum_q2, rtol) & (it < MAX_ITER):
-            theta = _newton_step(theta, active, sum_q2, sum_dq)
-            q2, dq = _newton_terms(z, a, theta[None, :])
-            sum_q2 = _group_totals(q2, col0, width, BLOCK_C)
-            sum_dq = _group_totals(dq, col0, width, BLOCK_C)
+        while _any(in_flight) & (it < MAX_ITER):
+            q2, q2r, q2r2 = _newton_terms(z, a, theta[None, :])
+            theta, in_flight = _newton_update(
+                theta, in_flight, _group_totals(q2, col0, width, BLOCK_C), _group_totals(q2r, col0, width, BLOCK_C),
+                _group_totals(q2r2, col0, width, BLOCK_C), rtol,
+            )
             it += 1
         x = _weighted_shrink(z, d, theta[None, :], tau)
     tl.store(p + offs, x.to(p.dtype.element_ty), mask=tl.where(write, mask, False))
@@ -334,22 +358,24 @@ def _stream_newton_sums(
     slab, tensor, p_anchor, z_anchor, theta, tau, sqrt_bc2, eps,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, Z_IN_P: tl.constexpr,
 ):
-    """One pass over a slab's waiting ``z`` and ``d``: per group ``sum q^2`` and
-    ``sum q^2/(theta + a)``, ``[BLOCK_C]`` with ``theta`` one value per group."""
+    """One pass over a slab's waiting ``z`` and ``d``: per group the sums of
+    :func:`_newton_terms`, ``[BLOCK_C]`` each, with ``theta`` one value per group."""
     col_tiles = tl.load(slab + S_COL_TILES)
     width = tl.load(slab + S_GROUP_WIDTH)
     zp = _waiting_z(p_anchor, z_anchor, tensor, 1, Z_IN_P)
-    sum_q2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    sum_dq = tl.zeros([BLOCK_C], dtype=tl.float32)
+    s1 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    s2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    s3 = tl.zeros([BLOCK_C], dtype=tl.float32)
     for j in range(tl.load(slab + S_PARTIALS)):
         col0 = (j % col_tiles) * BLOCK_C
         offs, mask, cols = _tile(slab, (j // col_tiles) * BLOCK_R, col0, BLOCK_R, BLOCK_C, 1)
         z = tl.load(zp + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
         d = _waiting_d(p_anchor, z_anchor, tensor, offs, mask, sqrt_bc2, eps, 1, Z_IN_P)
-        q2, dq = _newton_terms(z, tau / d, _per_column(theta, cols // width, BLOCK_C)[None, :])
-        sum_q2 += _per_group(_group_totals(q2, col0, width, BLOCK_C), width, BLOCK_C)
-        sum_dq += _per_group(_group_totals(dq, col0, width, BLOCK_C), width, BLOCK_C)
-    return sum_q2, sum_dq
+        q2, q2r, q2r2 = _newton_terms(z, tau / d, _per_column(theta, cols // width, BLOCK_C)[None, :])
+        s1 += _per_group(_group_totals(q2, col0, width, BLOCK_C), width, BLOCK_C)
+        s2 += _per_group(_group_totals(q2r, col0, width, BLOCK_C), width, BLOCK_C)
+        s3 += _per_group(_group_totals(q2r2, col0, width, BLOCK_C), width, BLOCK_C)
+    return s1, s2, s3
 
 
 @triton.jit
@@ -372,17 +398,14 @@ def _reduce(
         total_d = tl.zeros([BLOCK_C], dtype=tl.float32)
         for j in range(n):
             total_d += tl.load(partials + first + (n + j) * groups + g, mask=live, other=0.0, cache_modifier=".cg")
-        theta, active = _first_theta(total, total_d, tau)
-        active = active & live
-        sum_q2, sum_dq = _stream_newton_sums(
-            slab, tensor, p_anchor, z_anchor, theta, tau, sqrt_bc2, eps, BLOCK_R, BLOCK_C, Z_IN_P
-        )
+        theta, in_flight = _first_theta(total, total_d, tau, rtol)
+        in_flight = in_flight & live
         it = 1
-        while _unconverged(active, sum_q2, rtol) & (it < MAX_ITER):
-            theta = _newton_step(theta, active, sum_q2, sum_dq)
-            sum_q2, sum_dq = _stream_newton_sums(
+        while _any(in_flight) & (it < MAX_ITER):
+            s1, s2, s3 = _stream_newton_sums(
                 slab, tensor, p_anchor, z_anchor, theta, tau, sqrt_bc2, eps, BLOCK_R, BLOCK_C, Z_IN_P
             )
+            theta, in_flight = _newton_update(theta, in_flight, s1, s2, s3, rtol)
             it += 1
         stat = theta
     tl.store(stats + tl.load(slab + S_STAT0) + g, stat, mask=live)
