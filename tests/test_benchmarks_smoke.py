@@ -80,7 +80,7 @@ def test_report_quick_run_writes_the_table(tmp_path):
 
 
 def test_report_ratio_pairs_each_round_with_the_floor_step_before_it():
-    # The host slows down 10x in round 2; the round's own floor step saw it too. The paired
+    # The host slows down twentyfold in round 2; the round's own floor step saw it too. The paired
     # ratio stays 2, where the ratio of the medians (6 / 2) would say 3.
     row = report.Row(fused_spec("cpu", "group"), times_ms=[2.0, 40.0, 6.0], floor_ms=[1.0, 20.0, 2.0])
     assert row.ratio == 2.0
@@ -116,7 +116,8 @@ def test_performance_paragraph_gives_the_fraction_of_copy_bandwidth():
     ]
     result = report.SetResult("resnet50-convs", "a set", 100_000_000, rows)
     text = report.performance_paragraph([result], "cpu", 2, copy_gbs=2800.0)
-    # 28 B x 1e8 params: 2,800 GB/s in 1 ms, 1,400 in 2 ms, 700 in 4 ms.
+    # At 28 B/param over 1e8 params a step's bandwidth is 2,800 over its time in milliseconds:
+    # fused Adam reaches all of the copy's, the group step half and the weighted step a quarter.
     assert "the group step moves 1,400 GB/s and the weighted step 700 GB/s: 50% and 25%" in text
     assert "(2,800 GB/s read plus written; fused Adam: 100%)" in text
 
