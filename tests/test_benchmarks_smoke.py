@@ -5,6 +5,7 @@ The suite itself runs in CI in its small mode, as part of the plain ``pytest``.
 
 import importlib.util
 import math
+import re
 
 import pytest
 import torch
@@ -120,6 +121,16 @@ def test_performance_paragraph_gives_the_fraction_of_copy_bandwidth():
     # fused Adam reaches all of the copy's, the group step half and the weighted step a quarter.
     assert "the group step moves 1,400 GB/s and the weighted step 700 GB/s: 50% and 25%" in text
     assert "(2,800 GB/s read plus written; fused Adam: 100%)" in text
+
+
+def test_report_header_quotes_no_figure_the_run_did_not_measure():
+    # The header's bullets describe the method and the machine; every time and ratio in the
+    # report comes from the run's own rows, so the shared-VM caveat carries no figures of its own.
+    rows = [report.Row(FLOOR[0], [1.0, 3.0]), report.Row(fused_spec("cpu", "group"), [2.0, 4.0], floor_ms=[1.0, 3.0])]
+    text = report.render([report.SetResult("small-convs", "a set", 1000, rows)], "cpu", 2, 2, shared_note=True)
+    header = [line for line in text.splitlines() if line.startswith("* ")]
+    assert any("shared VM" in line for line in header)
+    assert not [line for line in header if re.search(r"\d\s*ms\b|\d\s*[x×](?!\w)", line)]
 
 
 def test_newton_starts_two_point_rule_is_exact_on_a_two_point_measure():
