@@ -244,8 +244,8 @@ C10_ALWAYS_INLINE Vectorized<float> rsqrt_estimate(const Vectorized<float>& v) {
 // [2^-126, 2^20) with either estimate, at four bias corrections); the estimate's argument is
 // raised to the smallest normal float so that v = 0 gives d = eps. The passes after pass 1 run
 // at memory speed only with this: a correctly rounded root, or the Newton step without the
-// folded constants, makes them compute-bound (benchmarks/RESULTS-cpu-kernel.md, "Adam's
-// denominator in the passes after pass 1"). Exact for double, and without AVX2.
+// folded constants, slows them (benchmarks/RESULTS-cpu-kernel.md, "Adam's denominator in the
+// passes after pass 1"). Exact for double, and without AVX2.
 template <typename T>
 C10_ALWAYS_INLINE Vectorized<T> fast_denominator(const AdamConstants<T>& c, const Vectorized<T>& v) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
