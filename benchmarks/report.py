@@ -322,15 +322,8 @@ def render(
     if shared_note:
         parts.append(
             "* **Measured on a shared VM**: what it gets moves with the host's load, from one "
-            "second to the next. Fused Adam alone takes 8 to 23 ms on the ResNet-50 set. In the "
-            "windows where it runs fastest (8 to 10 ms), streams that write speed up more than "
-            "streams that only read, such as the weighted prox's Newton passes. With AVX-512, the "
-            "weighted step measured 1.8-1.9x Adam there (1.4-1.7x in the others), the "
-            "`weighted-traffic` row 1.7-1.8x (1.6-1.7x), and the group step 1.1-1.2x in both. "
-            "The same VM is sometimes offered without AVX-512; with AVX2 the weighted step measured "
-            "2.1-2.2x in the fast windows (1.6-2.0x in the others), the `weighted-traffic` row "
-            "1.8-1.9x (1.6x), and the group step 1.1-1.25x. Compare ratios within one run, not "
-            "times across runs."
+            "second to the next (the range column shows how far in this run). Compare ratios "
+            "within one run, not times across runs."
         )
     for name, reason in skipped.items():
         parts.append(f"* Skipped {name}: {reason}")

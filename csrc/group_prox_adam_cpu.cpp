@@ -29,11 +29,10 @@
 // never turns into exact zeros, which would read as sparsity. The test is on the group sums that
 // the prox computes anyway.
 //
-// Memory order. Measured on the 2-core Zen 4 machine this was tuned on: the cores stream memory
-// in address order at 45-70 GB/s together (it varies with the host's load), which
-// torch.optim.Adam(fused=True) already uses, while a strided pattern (a column tile of a
-// tensor: runs of 0.1-9 KiB at a fixed stride) reaches 50-70% of that. So every pass walks
-// storage in address order:
+// Memory order. The step is bound by memory bandwidth, and the cores stream memory fastest in
+// address order (as torch.optim.Adam(fused=True) does); a strided pattern such as a column tile
+// of a tensor reaches only part of that (benchmarks/RESULTS-cpu-kernel.md, "Memory order"). So
+// every pass walks storage in address order:
 //
 // * Elementwise tensors (plain Adam, l1): one pass, 28 bytes per float32 param.
 // * Out-channel groups (A = 1) are contiguous: the tensor is cut into tiles of whole groups
@@ -54,18 +53,18 @@
 //
 // Code generation. A vector store may alias any memory, so the hot loops read constants and
 // pointers only from locals of the per-band callback, with every helper inlined; a value read
-// through a member or a captured reference would be reloaded after every store (measured on one
-// thread: 10-15% of the group prox's time).
+// through a member or a captured reference would be reloaded after every store
+// (benchmarks/RESULTS-cpu-kernel.md, "Code generation").
 //
 // Parallelism (at::parallel_for, so the extension is built with -fopenmp). A tensor of at least
-// kCooperativeElements (plain or in-channel) is run by all threads at once, each pass split into
-// one contiguous piece (row band) per thread, the bands' group sums added up between passes, so
-// that one large tensor never leaves the other threads idle; everything else (smaller tensors,
-// out-channel tiles) is handed out largest first from a shared counter. On the ResNet-50 set
-// the two schemes measure the same; the first is what keeps a model with few large tensors busy.
-// A thread runs the same band in every pass (at::parallel_for splits statically), so the later
-// passes re-read the z and d it wrote from its own core's caches: handing out smaller bands from
-// a shared counter instead measured up to 3x slower on this project's VM.
+// kCooperativeElements (plain or in-channel) is run by all threads at once, each pass split
+// into one contiguous piece (row band) per thread, the bands' group sums added up between
+// passes, so that one large tensor never leaves the other threads idle; everything else
+// (smaller tensors, out-channel tiles) is handed out largest first from a shared counter. The
+// first scheme is what keeps a model with few large tensors busy. A thread runs the same band
+// in every pass (at::parallel_for splits statically), so the later passes re-read the z and d
+// it wrote from its own core's caches, which smaller bands from a shared counter would lose
+// (benchmarks/RESULTS-cpu-kernel.md, "Parallelism").
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -239,13 +238,14 @@ C10_ALWAYS_INLINE Vectorized<float> rsqrt_estimate(const Vectorized<float>& v) {
 
 // Adam's denominator d = sqrt(v) / sqrt(1 - beta2^t) + eps from v >= 0, for the weighted prox's
 // passes after pass 1, which take it for every element. In float with AVX2, the square root is
-// v y (3/2 - (v y) y / 2): y the reciprocal square root estimate after one Newton step, with the
-// step's constants folded into 1 / sqrt(1 - beta2^t), so that d costs four multiply-adds. That
-// is within 2.5e-7 relative of sqrt(v) / sqrt(1 - beta2^t) (measured over all float32 v in
+// v y (3/2 - (v y) y / 2): y the reciprocal square root estimate after one Newton step, with
+// the step's constants folded into 1 / sqrt(1 - beta2^t), so that d costs four multiply-adds.
+// That is within 2.5e-7 relative of sqrt(v) / sqrt(1 - beta2^t) (measured over all float32 v in
 // [2^-126, 2^20) with either estimate, at four bias corrections); the estimate's argument is
 // raised to the smallest normal float so that v = 0 gives d = eps. The passes after pass 1 run
-// at memory speed only with this: a correctly rounded root there made the step 1-2 ms slower
-// on the ResNet-50 set, and the unfolded Newton step 0.4-0.5 ms. Exact for double, and without AVX2.
+// at memory speed only with this: a correctly rounded root, or the Newton step without the
+// folded constants, slows them (benchmarks/RESULTS-cpu-kernel.md, "Adam's denominator in the
+// passes after pass 1"). Exact for double, and without AVX2.
 template <typename T>
 C10_ALWAYS_INLINE Vectorized<T> fast_denominator(const AdamConstants<T>& c, const Vectorized<T>& v) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
@@ -347,20 +347,15 @@ class Block {
   //
   // Short groups are summed through per-lane sums one row long, which outgrow L1 for rows of
   // more than about 1,400 lanes (3x3 convs with 256 or more input channels, 1x1 convs with
-  // 2,048). With kRows > 1 they are summed kRows rows at a time, so each vector of per-lane sums
-  // is loaded and stored once per kRows rows. That pays in a pass that only reads (the weighted
-  // prox's Newton passes): 0.4 ms less per pass on the ResNet-50 set with 4 rows, and no better
-  // with 8. A pass that also writes (pass 1, kRows == 1) measured 1.6 ms slower this way: it
-  // streams four arrays, from kRows rows at once. There, in a window where fused Adam takes
-  // 8.4 ms, the weighted prox's two per-lane sums made pass 1 take 9.6 ms against 7.8 ms
-  // without them, over half of that because they left L1 while the row's four arrays streamed
-  // through it (column chunks whose sums stay in L1 measured slower still: strided rows read
-  // slowly). So pass 1 sums 3x3 groups in registers instead (sum_3x3): with AVX-512, 4.7% less
-  // for the weighted step on the ResNet-50 set (16.0 against 16.8 ms, fused Adam 8.6 ms), the
-  // same for the group step, whose one per-lane sum fits L1; with AVX2 (the same VM offered
-  // without AVX-512), 5% less for the weighted step on the set's 3x3 convs, 1.5% on the whole
-  // set and 1% for the group step (interleaved rounds). The Newton passes measured 4% slower
-  // that way (AVX-512).
+  // 2,048). With kRows > 1 they are summed kRows rows at a time, so each vector of per-lane
+  // sums is loaded and stored once per kRows rows. That pays in a pass that only reads (the
+  // weighted prox's Newton passes, kRows == 4; 8 gains nothing more). A pass that also writes
+  // (pass 1, kRows == 1) loses by it, since it would stream four arrays from kRows rows at
+  // once; there the per-lane sums leave L1 while the row's four arrays stream through it (and
+  // column chunks whose sums stay in L1 read strided rows, slowly). So pass 1 sums 3x3 groups
+  // in registers instead (sum_3x3), with AVX-512 or AVX2; the Newton passes keep the per-lane
+  // sums, which they run faster with (benchmarks/RESULTS-cpu-kernel.md, "Per-lane sums over
+  // several rows, and 3x3 sums in registers").
   template <int N, int kRows = 1, class F>
   C10_ALWAYS_INLINE void reduce(int64_t g_lo, int64_t g_hi, T* lanes, const std::array<T*, N>& sums, F&& f) const {
     const int64_t K = K_, L = L_;
@@ -474,8 +469,7 @@ class Block {
   // every g (one blend per vector), holds that. The chunk's group sums are e plus the sums of
   // w_0..w_7, from a tree of horizontal adds built as the w arrive. The blends take their masks
   // from tables, not immediates, so that the loop over a chunk's vectors stays a loop with one
-  // call of f: unrolled into nine calls, f (pass 1's Adam update) was no longer inlined, and
-  // the step ran three times as long.
+  // call of f: unrolled into nine calls, f (pass 1's Adam update) is no longer inlined.
   template <int N, class F>
   C10_ALWAYS_INLINE void sum_3x3(int64_t g_lo, int64_t g_hi, const std::array<T*, N>& sums, F& f) const {
     static_assert(std::is_same_v<T, float> && kVec == 8);
@@ -694,13 +688,11 @@ class GroupProx {
 
     // Newton on phi(theta) = 1, each update from one pass over the span of the groups still in
     // flight. The first of these passes skips the sum that serves only to end the iteration
-    // early: its steps are long, and on the ResNet-50 set it ended too few groups to narrow the
-    // next pass's span (spans of 0.694 of the params with it and without). A higher-order model
-    // reads fewer spans but costs more than it saves: a two-point Gauss rule for sum_j q_j^2 /
-    // (1 + delta r_j)^2, from two more sums in pass 1 and in each Newton pass, ends nearly every
-    // group after one Newton pass (spans of 0.71 instead of 1.39), yet measured 1.6 ms slower on
-    // the ResNet-50 set: the two extra per-lane sums alone cost pass 1 1.7 ms. Summed in
-    // registers (sum_3x3), they still cost it 1.6 ms (14.7 against 13.1 ms, fused Adam 13.0 ms).
+    // early: its steps are long, so it ends too few groups to narrow the next pass's span. A
+    // higher-order model (a two-point Gauss rule for sum_j q_j^2 / (1 + delta r_j)^2, from two
+    // more sums in pass 1 and in each Newton pass) reads fewer spans but costs pass 1 more than
+    // it saves (benchmarks/RESULTS-cpu-kernel.md, "Newton passes: the early-exit sum and a
+    // higher-order model").
     for (int update = 1; moved > 0 && update < kNewtonMaxIter; ++update) {
       int64_t g_lo = 0, g_hi = nb_;
       while (in_flight[g_lo] == 0) ++g_lo;
@@ -715,9 +707,10 @@ class GroupProx {
       }
     }
 
-    // x_j = theta z_j d_j / (theta d_j + tau), exactly zero for the groups left at theta = 0 and
-    // z_j for those at theta = inf. A vector of zero lanes only is stored without reading z or d:
-    // on the ResNet-50 set 91% of the large 3x3 convs' groups are zero.
+    // x_j = theta z_j d_j / (theta d_j + tau), exactly zero for the groups left at theta = 0
+    // and z_j for those at theta = inf. A vector of zero lanes only is stored without reading z
+    // or d, since most groups of a sparse model's large convs are zero
+    // (benchmarks/RESULTS-cpu-kernel.md, "Zero groups in the last pass").
     over_rows<0>(0, 0, {}, [&](const Block<S>& blk, T* lanes, std::array<T*, 0>) {
       const AdamConstants<T> c = c_;
       const Vec tau(tau_), zero(T(0)), infinity(std::numeric_limits<T>::infinity());
@@ -742,8 +735,8 @@ class GroupProx {
   // N = 3) sum q^2 r^2 with q_j = z_j r_j, r_j = d_j / (theta d_j + tau), so that phi =
   // (sum q^2)^(-1/2) and phi' = phi^3 sum q^2 r; the third bounds phi'' (see newton_step).
   // `theta` is 0 for the groups not in flight (whose sums are not used): a vector of such lanes
-  // only adds nothing, without reading z or d. Zero groups are most of the span of the large 3x3
-  // convs' first Newton pass on the ResNet-50 set.
+  // only adds nothing, without reading z or d: in a sparse model zero groups are most of the span
+  // of the large convs' first Newton pass.
   template <bool kRecomputeD, int N>
   void newton_pass(T* z, T* d, const T* theta, int64_t g_lo, int64_t g_hi, const std::array<T*, N>& out) {
     over_rows<N>(g_lo, g_hi, out, [&](const Block<S>& blk, T* lanes, std::array<T*, N> sums) {
@@ -785,13 +778,13 @@ class GroupProx {
 
   // Lane j of row r's Adam denominator in the passes after pass 1. For a tensor of float params
   // run by all threads (kRecomputeD), whose z and v stream from memory, it is recomputed from
-  // the v that pass 1 wrote, with fast_denominator: keeping d in a scratch instead costs a write of 4
-  // bytes per param (and the read for ownership) in pass 1, the pass that already moves the
-  // most, and gains nothing in the later ones, which read 4 bytes of v instead of 4 of d.
-  // Otherwise d comes from the scratch that pass 1 filled: v was rounded to its storage type, or
-  // one thread runs a tensor or tile small enough that the scratch stays in its caches, where
-  // storing d costs less than recomputing it in every later pass (measured with out-channel
-  // groups on the ResNet-50 set: 1.25x fused Adam against 1.34x).
+  // the v that pass 1 wrote, with fast_denominator: keeping d in a scratch instead costs a
+  // write of 4 bytes per param (and the read for ownership) in pass 1, the pass that already
+  // moves the most, and gains nothing in the later ones, which read 4 bytes of v instead of 4
+  // of d. Otherwise d comes from the scratch that pass 1 filled: v was rounded to its storage
+  // type, or one thread runs a tensor or tile small enough that the scratch stays in its
+  // caches, where storing d costs less than recomputing it in every later pass
+  // (benchmarks/RESULTS-cpu-kernel.md, "d kept in scratch or recomputed from v").
   template <bool kRecomputeD>
   static C10_ALWAYS_INLINE Vec d_at(const AdamConstants<T>& c, const T* d, const Row& r, int64_t j, int64_t count) {
     if constexpr (kRecomputeD) {
@@ -811,14 +804,13 @@ class GroupProx {
   //
   // The proof. With weights w_j = q_j^2 / s1, phi' = phi^3 s2 and phi'' = -3 phi Var_w(r) <= 0:
   // phi is concave and increasing, so from theta below the root the step stays below it, where
-  // phi <= 1, and 1 - phi(theta + delta) = |phi''(xi)| delta^2 / 2 for some xi in the step. Over
-  // the step r_j < 1/theta moves by at most rho r_j, rho = delta / theta, and each weight grows by
-  // at most (1 + rho)^2, so Var at xi is at most (1 + rho)^2 (sqrt(Var_w(r)) + rho sqrt(E_w r^2))^2
-  // (Minkowski), all from this pass's sums. Var_w(r) = E_w r^2 - (E_w r)^2 is raised by 8 ulps
-  // of E_w r^2 against cancellation. On the ResNet-50 set this ends the iteration one pass
-  // earlier than the rule it replaced (one more update once 1 - phi <= sqrt(rtol)), for 5% of
-  // the groups, whose span was 29% of the params, and the largest 1 - phi it let through,
-  // measured in float64, was 9.3e-7.
+  // phi <= 1, and 1 - phi(theta + delta) = |phi''(xi)| delta^2 / 2 for some xi in the step.
+  // Over the step r_j < 1/theta moves by at most rho r_j, rho = delta / theta, and each weight
+  // grows by at most (1 + rho)^2, so Var at xi is at most (1 + rho)^2 (sqrt(Var_w(r)) + rho
+  // sqrt(E_w r^2))^2 (Minkowski), all from this pass's sums. Var_w(r) = E_w r^2 - (E_w r)^2 is
+  // raised by 8 ulps of E_w r^2 against cancellation. Ending the iteration here saves the pass
+  // that would only confirm the last update (benchmarks/RESULTS-cpu-kernel.md, "Newton passes:
+  // the early-exit sum and a higher-order model").
   int64_t newton_step(const T* s1, const T* s2, const T* s3, T* theta, T* in_flight) const {
     constexpr T kCancellation = 8 * std::numeric_limits<T>::epsilon();
     int64_t in_flight_count = 0;

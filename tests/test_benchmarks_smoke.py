@@ -5,6 +5,7 @@ The suite itself runs in CI in its small mode, as part of the plain ``pytest``.
 
 import importlib.util
 import math
+import re
 
 import pytest
 import torch
@@ -80,7 +81,7 @@ def test_report_quick_run_writes_the_table(tmp_path):
 
 
 def test_report_ratio_pairs_each_round_with_the_floor_step_before_it():
-    # The host slows down 10x in round 2; the round's own floor step saw it too. The paired
+    # The host slows down twentyfold in round 2; the round's own floor step saw it too. The paired
     # ratio stays 2, where the ratio of the medians (6 / 2) would say 3.
     row = report.Row(fused_spec("cpu", "group"), times_ms=[2.0, 40.0, 6.0], floor_ms=[1.0, 20.0, 2.0])
     assert row.ratio == 2.0
@@ -116,9 +117,20 @@ def test_performance_paragraph_gives_the_fraction_of_copy_bandwidth():
     ]
     result = report.SetResult("resnet50-convs", "a set", 100_000_000, rows)
     text = report.performance_paragraph([result], "cpu", 2, copy_gbs=2800.0)
-    # 28 B x 1e8 params: 2,800 GB/s in 1 ms, 1,400 in 2 ms, 700 in 4 ms.
+    # At 28 B/param over 1e8 params a step's bandwidth is 2,800 over its time in milliseconds:
+    # fused Adam reaches all of the copy's, the group step half and the weighted step a quarter.
     assert "the group step moves 1,400 GB/s and the weighted step 700 GB/s: 50% and 25%" in text
     assert "(2,800 GB/s read plus written; fused Adam: 100%)" in text
+
+
+def test_report_header_quotes_no_figure_the_run_did_not_measure():
+    # The header's bullets describe the method and the machine; every time and ratio in the
+    # report comes from the run's own rows, so the shared-VM caveat carries no figures of its own.
+    rows = [report.Row(FLOOR[0], [1.0, 3.0]), report.Row(fused_spec("cpu", "group"), [2.0, 4.0], floor_ms=[1.0, 3.0])]
+    text = report.render([report.SetResult("small-convs", "a set", 1000, rows)], "cpu", 2, 2, shared_note=True)
+    header = [line for line in text.splitlines() if line.startswith("* ")]
+    assert any("shared VM" in line for line in header)
+    assert not [line for line in header if re.search(r"\d\s*ms\b|\d\s*[x×](?!\w)", line)]
 
 
 def test_newton_starts_two_point_rule_is_exact_on_a_two_point_measure():

@@ -17,11 +17,11 @@ prox takes one more (the rescale), and the weighted prox one more per Newton upd
 
 The op takes the step function's own arguments and finds each tensor's layout itself: a param
 whose groups have no ``[A, B, K]`` layout in memory (e.g. a transposed weight), or whose grads or
-state have other strides, is stepped on contiguous copies that are copied back. Doing that in
-C++ rather than with :func:`~lomt_kernels.kernels.prepare.work_tensors` saves about 0.3 ms a
-step on the 53 tensors of the ResNet-50 benchmark (with cold caches, as a step after the
-backward pass runs; fused Adam takes 8 to 13 ms there). The extension is compiled on first use
-(about a minute); ``python -m lomt_kernels.build`` does it ahead of time.
+state have other strides, is stepped on contiguous copies that are copied back. That is done
+in C++ rather than with :func:`~lomt_kernels.kernels.prepare.work_tensors`, since a Python loop
+over every tensor costs a noticeable part of a step that is bound by memory bandwidth
+(``benchmarks/RESULTS-cpu-kernel.md``, "The layout step in C++"). The extension is compiled on
+first use (about a minute); ``python -m lomt_kernels.build`` does it ahead of time.
 """
 
 from __future__ import annotations
