@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 from .config import PAPER_BATCH_SIZE, PAPER_PRESET, PAPER_SEEDS, SYNTHETIC_PRESET, RunConfig
 from .data import DATASET_NAMES, default_data_root
+from .lomt import USED_THRESHOLD
 from .tasks import resolve_tasks
 from .trainer import run_dir_for, run_sweep, summary_line, validate
 
@@ -160,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     probe.add_argument("dataset", choices=DATASET_NAMES)
     _add_train_arguments(probe)
+    probe.add_argument("--threshold", type=float, default=USED_THRESHOLD, metavar="TAU",
+                       help="a conv is used by a task when more than this fraction of its input channels "
+                            f"is active in every seed (default {USED_THRESHOLD})")
     compact = add_parser("compact", help="physically remove zero channel groups from a run's best model")
     compact.add_argument("run", type=Path, help="a run folder (config.json, best.pt)")
     compact.add_argument("--image-size", type=int, default=256, help="input size for MACs and latency")
@@ -190,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .lomt import probe, write_profile
 
             config, lambdas, seeds = config_from_args(args.dataset, args)
-            profile = probe(config, lambdas, seeds, progress=not args.no_progress)
+            profile = probe(config, lambdas, seeds, threshold=args.threshold, progress=not args.no_progress)
             for path in write_profile(profile, config.out):
                 print(path)
             print(f"attach: {json.dumps(profile['attach'])}")

@@ -7,13 +7,18 @@ with weight ``[C_out, C_in, k, k]`` a run's ``sparsity.json`` gives the active f
     a_t(l) = #{c : W_l[:, c] != 0} / C_in,
 
 the share of input channels the conv still reads. As in the LOMT paper, conv ``l`` is **used**
-by task ``t`` when ``a_t(l) > 1%`` in every seed (:data:`USED_THRESHOLD`).
+by task ``t`` when ``a_t(l) > tau`` in every seed, with tau = 1% by default
+(:data:`USED_THRESHOLD`; ``lomt-probe --threshold``, recorded in ``profile.json``).
+
+The probe needs sparsity: every task's λ must be > 0 and the prox on. At λ = 0 no group is
+driven to zero, every ``a_t(l)`` is 1, every conv reads as used and every task attaches at
+the last stage, so :func:`probe` refuses it before any training.
 
 **Attachment rule** (:func:`choose_attachment`): task ``t`` attaches at the output of the
 deepest residual block (``layerS.B``) that contains a conv used by ``t``; the node is named
 ``layerS`` when that block is its stage's last, else ``layerS.B`` (both valid
 ``create_feature_extractor`` nodes: the block's output after its final ReLU). Every conv after
-that point is unused by ``t`` (at most 1% of its inputs active in some seed), so the task's
+that point is unused by ``t`` (at most tau of its inputs active in some seed), so the task's
 path stops there. A task that uses no block attaches at the stem output (``"maxpool"``).
 Manual attachments (``config.attach``, i.e. ``--attach seg=layer3.3.conv1``) override the rule.
 
@@ -38,11 +43,15 @@ from .trainer import run_dir_for, run_sweep
 
 USED_THRESHOLD = 0.01
 STEM_NODE = "maxpool"
-RULE = (
-    f"a conv is used by a task when more than {USED_THRESHOLD:.0%} of its input-channel groups are active "
-    "in every seed; the task attaches at the output of the deepest residual block containing a conv it "
-    f"uses (the stage name when that block is the stage's last; '{STEM_NODE}' when it uses none)"
-)
+
+
+def rule(threshold: float = USED_THRESHOLD) -> str:
+    """The attachment rule in words, as ``profile.json`` records it."""
+    return (
+        f"a conv is used by a task when more than {threshold:g} of its input-channel groups are active "
+        "in every seed; the task attaches at the output of the deepest residual block containing a conv it "
+        f"uses (the stage name when that block is the stage's last; '{STEM_NODE}' when it uses none)"
+    )
 
 _BLOCK = re.compile(r"^(layer\d+)\.(\d+)\.")
 
@@ -89,7 +98,8 @@ def choose_attachment(used: Mapping[str, bool]) -> str:
 
 
 def probe(
-    config: RunConfig, lambdas: Sequence[float], seeds: Sequence[int], *, progress: bool = True
+    config: RunConfig, lambdas: Sequence[float], seeds: Sequence[int], *,
+    threshold: float = USED_THRESHOLD, progress: bool = True,
 ) -> dict[str, Any]:
     """Train each of ``config.tasks`` alone (seeds ``seeds``) and choose its attachment node.
 
@@ -98,6 +108,8 @@ def probe(
             usual; ``config.attach`` holds manual attachments that override the rule.
         lambdas: one sparsity strength for every task, or one per task (in ``config.tasks`` order).
         seeds: the seeds of each task's runs; "used" needs the layer active in all of them.
+        threshold: tau in [0, 1): a conv is used when more than this fraction of its input
+            channels is active.
 
     Returns the profile: ``{"attach": {task: node}, "chosen": {task: node by the rule},
     "used": {task: {conv: bool}}, "active_fraction": {task: {conv: [per seed]}}, "layers":
@@ -107,6 +119,16 @@ def probe(
     if len(lambdas) not in (1, len(tasks)):
         raise ValueError(f"give one --lambda for every task or one per task ({len(tasks)}), got {list(lambdas)}")
     task_lambdas = dict(zip(tasks, lambdas if len(lambdas) == len(tasks) else list(lambdas) * len(tasks)))
+    unsparse = [t for t, lam in task_lambdas.items() if not lam > 0]
+    if unsparse or config.prox == "none":
+        cause = "--prox none" if config.prox == "none" else f"λ = 0 for {unsparse}"
+        raise ValueError(
+            f"lomt-probe needs sparsity, but {cause}: nothing is driven to zero, so every layer reads as "
+            "used and the probe chooses nothing. Pass a positive --lambda (e.g. --lambda 1e-2) and a "
+            "sparsifying --prox (group_weighted, the default, or group)."
+        )
+    if not 0 <= threshold < 1:
+        raise ValueError(f"--threshold {threshold}: must be a fraction of the input channels in [0, 1)")
     override = {get_task(t).name: node for t, node in config.attach.items()}
     extra = sorted(set(override) - set(tasks))
     if extra:
@@ -126,12 +148,12 @@ def probe(
             for s in seeds
         ]
         fractions[task] = {layer: [run[layer] for run in per_seed] for layer in per_seed[0]}
-    used = {task: used_layers(f) for task, f in fractions.items()}
+    used = {task: used_layers(f, threshold) for task, f in fractions.items()}
     chosen = {task: choose_attachment(u) for task, u in used.items()}
     attach = {**chosen, **override}
     return {
         "attach": attach, "chosen": chosen, "used": used, "active_fraction": fractions,
-        "layers": list(next(iter(fractions.values()))), "rule": RULE, "threshold": USED_THRESHOLD,
+        "layers": list(next(iter(fractions.values()))), "rule": rule(threshold), "threshold": threshold,
         "lambdas": task_lambdas, "seeds": list(seeds),
     }
 

@@ -95,13 +95,16 @@ class SegMetric(Metric):
     * ``miou``: mean over classes c with a non-zero union of IoU_c = TP_c / (TP_c + FP_c + FN_c).
       The papers report this as their segmentation "IoU" (mean IoU).
     * ``pixel_acc``: correctly labelled pixels / counted pixels.
-    * ``image_micro_iou``: what the published Less-is-More code actually computed as "IoU"
-      (segmentation_models_pytorch ``iou_score(reduction="micro-imagewise")``): per image,
-      sum_c TP / sum_c (TP + FP + FN) = correct / (correct + 2 wrong), averaged over images
-      that have counted pixels. Reported for comparison with the published numbers.
+    * ``iou_micro_per_image_paper``: the papers' segmentation "IoU" (Table 1 of arXiv
+      2308.12114), as their published code computes it (segmentation_models_pytorch
+      ``iou_score(reduction="micro-imagewise")``): per image, the IoU micro-averaged over the
+      classes present, sum_c TP_c / sum_c (TP_c + FP_c + FN_c) = correct / (correct + 2 wrong)
+      (a wrong pixel is an FP of one class and an FN of another), then the mean over the images
+      that have counted pixels. Classes absent from an image's target and prediction add
+      nothing to its sums. Reported beside ``miou`` so results can be held against the tables.
     """
 
-    directions: ClassVar[dict[str, bool]] = {"miou": True, "pixel_acc": True, "image_micro_iou": True}
+    directions: ClassVar[dict[str, bool]] = {"miou": True, "pixel_acc": True, "iou_micro_per_image_paper": True}
 
     def __init__(self, num_classes: int | None = None) -> None:
         super().__init__()
@@ -146,7 +149,7 @@ class SegMetric(Metric):
         return {
             "miou": float((tp[present] / union[present]).mean()) if present.any() else math.nan,
             "pixel_acc": _ratio(tp.sum(), cm.sum()),
-            "image_micro_iou": _ratio(self._state["image_iou_sum"], self._state["images"]),
+            "iou_micro_per_image_paper": _ratio(self._state["image_iou_sum"], self._state["images"]),
         }
 
 
@@ -156,13 +159,23 @@ class DepthMetric(Metric):
     ``pred``, ``target``: ``[B, 1, H, W]`` metres. With N valid pixels, e = pred - target:
     ``abs_err`` = sum|e| / N, ``rel_err`` = sum(|e| / target) / N, ``rmse`` = sqrt(sum e^2 / N)
     (pooled over all pixels of the split, not averaged per image).
+
+    ``abs_err_norm_paper``: the papers' depth MAE (Table 1 of arXiv 2308.12114), on depth
+    normalised per image. Their published code divides each depth map by its own maximum
+    (``depth / depth.max()``) and trains and evaluates on that scale. Here both maps of image b
+    are divided by m_b, the maximum of its target over valid pixels, so the figure is unitless:
+    ``abs_err_norm_paper`` = sum_i |e_i| / m_b(i) / N (pooled like ``abs_err``). Their loader
+    also clips the normalised target to [0.1, its 99th percentile]; that clip is not applied,
+    since it would change the ground truth and turn invalid (zero) pixels into counted ones.
     """
 
-    directions: ClassVar[dict[str, bool]] = {"abs_err": False, "rel_err": False, "rmse": False}
+    directions: ClassVar[dict[str, bool]] = {
+        "abs_err": False, "rel_err": False, "rmse": False, "abs_err_norm_paper": False,
+    }
 
     def __init__(self) -> None:
         super().__init__()
-        for name in ("abs_sum", "rel_sum", "sq_sum"):
+        for name in ("abs_sum", "rel_sum", "sq_sum", "norm_abs_sum"):
             self._add_state(name, (), torch.float64)
         self._add_state("count", (), torch.int64)
 
@@ -171,16 +184,23 @@ class DepthMetric(Metric):
         if pred.shape != target.shape:
             raise ValueError(f"depth: prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
         valid = target > 0
+        # Each image's largest valid depth; an image without valid pixels contributes no pixel.
+        image_max = target.masked_fill(~valid, 0).flatten(1).amax(1).view(-1, *([1] * (target.dim() - 1)))
         t = target[valid].double()
         err = pred[valid].double() - t
+        scale = image_max.expand_as(target)[valid].double()
         self._accumulate(
-            abs_sum=err.abs().sum(), rel_sum=(err.abs() / t).sum(), sq_sum=err.square().sum(), count=valid.sum()
+            abs_sum=err.abs().sum(), rel_sum=(err.abs() / t).sum(), sq_sum=err.square().sum(),
+            norm_abs_sum=(err.abs() / scale).sum(), count=valid.sum(),
         )
 
     def compute(self) -> dict[str, float]:
         s = self._state
         mse = _ratio(s["sq_sum"], s["count"])
-        return {"abs_err": _ratio(s["abs_sum"], s["count"]), "rel_err": _ratio(s["rel_sum"], s["count"]), "rmse": math.sqrt(mse)}
+        return {
+            "abs_err": _ratio(s["abs_sum"], s["count"]), "rel_err": _ratio(s["rel_sum"], s["count"]),
+            "rmse": math.sqrt(mse), "abs_err_norm_paper": _ratio(s["norm_abs_sum"], s["count"]),
+        }
 
 
 class NormalMetric(Metric):

@@ -57,6 +57,26 @@ def test_a_layer_is_used_when_active_above_one_percent_in_every_seed():
     assert used_layers(fractions) == {"a": True, "b": False, "c": False, "d": False}
 
 
+def test_the_threshold_decides_which_layers_are_used_and_so_the_attachment():
+    # A hand-made profile: everything through layer3 keeps half its inputs in both seeds, layer4's
+    # convs keep 3% in one seed and 20% in the other. At tau = 1% layer4 is used (3% > 1%), so the
+    # task attaches at layer4; at tau = 5% the 3% seed makes layer4 unused, so it attaches at layer3.
+    fractions = {layer: [0.03, 0.2] if layer.startswith("layer4") else [0.5, 0.5] for layer in SMALL_CONVS}
+    assert choose_attachment(used_layers(fractions)) == "layer4"
+    used = used_layers(fractions, threshold=0.05)
+    assert [layer for layer, u in used.items() if not u] == [l for l in SMALL_CONVS if l.startswith("layer4")]
+    assert choose_attachment(used) == "layer3"
+
+
+@pytest.mark.parametrize("lambdas", [["0"], ["2", "0"]])
+def test_probe_refuses_lambda_zero_before_any_training_or_data(tmp_path, capsys, lambdas):
+    argv = ["lomt-probe", "nyu", *TINY_FLAGS, "--tasks", "seg,depth", "--lambda", *lambdas, "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "λ = 0" in err and "every layer reads as used" in err and "--lambda" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()  # nothing trained or generated
+
+
 def test_active_fractions_read_conv_layers_of_sparsity_json():
     sparsity = {"layers": [
         {"name": "conv1.weight", "shape": [16, 3, 7, 7], "groups": 3, "zero_groups": 0},
@@ -87,13 +107,23 @@ def test_probe_end_to_end_with_override_and_lomt_training(tmp_path):
     assert overridden["attach"] == {**profile["attach"], "seg": "layer3.0.conv1"}
     assert overridden["chosen"] == profile["chosen"]
     assert len(list(out.rglob("results.json"))) == 4
+    assert profile["threshold"] == 0.01
+
+    # --threshold reuses the runs too, and decides "used" by its own value, recorded in the profile.
+    assert main(probe + ["--attach", "seg=layer3.0.conv1", "--threshold", "0.5"]) == 0
+    strict = json.loads((out / "profile.json").read_text())
+    assert strict["threshold"] == 0.5 and "more than 0.5 of" in strict["rule"]
+    assert strict["active_fraction"] == overridden["active_fraction"]
+    for task in ("seg", "depth"):
+        assert strict["used"][task] == used_layers(strict["active_fraction"][task], threshold=0.5)
+    assert len(list(out.rglob("results.json"))) == 4
 
     # Step 2: the LOMT model trains with the profile's attachments.
     runs = tmp_path / "lomt"
     lomt = ["--tasks", "seg,depth", "--lomt", str(out / "profile.json"), "--epochs", "1", "--out", str(runs)]
     assert main(["nyu", *TINY_FLAGS, *lomt]) == 0  # the later --epochs wins
     (config_path,) = runs.rglob("config.json")
-    assert RunConfig.load(config_path).attach == overridden["attach"]
+    assert RunConfig.load(config_path).attach == strict["attach"]
 
 
 def test_probe_rejects_an_attachment_the_backbone_lacks(tmp_path, capsys):

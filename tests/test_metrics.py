@@ -20,7 +20,8 @@ SEG_PRED = torch.tensor([[[0, 1, 1], [1, 0, 2]], [[2, 2, 0], [0, 1, 1]]])
 # TP = [3, 2, 2]; union_c = row_c + col_c - TP_c:
 #   c0: 4 + 4 - 3 = 5 -> 3/5;  c1: 2 + 3 - 2 = 3 -> 2/3;  c2: 3 + 2 - 2 = 3 -> 2/3
 # mIoU = (3/5 + 2/3 + 2/3) / 3 = 29/45; pixel accuracy = 7/9.
-# Per-image micro IoU = correct / (correct + 2 wrong): 3/7 and 4/4 -> mean 5/7.
+# Per-image micro IoU = correct / (correct + 2 wrong): 3/7 and 4/4 -> mean 5/7 (pooled over the
+# split it would be 7 / (7 + 2*2) = 7/11, so the per-image mean is what is measured).
 SEG_MIOU = (3 / 5 + 2 / 3 + 2 / 3) / 3
 
 
@@ -34,8 +35,22 @@ def test_seg_metric_by_hand():
     out = metric.compute()
     assert out["miou"] == pytest.approx(SEG_MIOU)
     assert out["pixel_acc"] == pytest.approx(7 / 9)
-    assert out["image_micro_iou"] == pytest.approx(5 / 7)
+    assert out["iou_micro_per_image_paper"] == pytest.approx(5 / 7)
     assert set(out) == set(SegMetric.directions)
+
+
+def test_seg_paper_iou_is_micro_over_classes_and_skips_images_without_counted_pixels():
+    # Image 0, 2x2, 3 classes: target [[0, 0], [1, 2]], prediction [[0, 1], [1, 1]].
+    #   per class: c0 TP 1 FP 0 FN 1; c1 TP 1 FP 2 FN 0; c2 TP 0 FP 0 FN 1
+    #   micro: (1 + 1 + 0) / ((1+0+1) + (1+2+0) + (0+0+1)) = 2/6 = 1/3 (a per-class mean over
+    #   present classes would be (1/2 + 1/3 + 0) / 3 = 5/18 instead).
+    # Image 1: class 2 everywhere, predicted right: 1. Image 2: all ignored, so not an image that counts.
+    # Mean over the two counted images: (1/3 + 1) / 2 = 2/3.
+    target = torch.tensor([[[0, 0], [1, 2]], [[2, 2], [2, 2]], [[255, 255], [255, 255]]])
+    pred = torch.tensor([[[0, 1], [1, 1]], [[2, 2], [2, 2]], [[0, 1], [2, 0]]])
+    metric = SegMetric(num_classes=3)
+    metric.update(pred, target)
+    assert metric.compute()["iou_micro_per_image_paper"] == pytest.approx(2 / 3)
 
 
 def test_seg_metric_skips_classes_with_empty_union_and_learns_classes_from_logits():
@@ -52,7 +67,7 @@ def test_seg_metric_accumulates_over_batches_and_resets():
     for i in range(2):
         metric.update(SEG_PRED[i : i + 1], SEG_TARGET[i : i + 1])
     assert metric.compute()["miou"] == pytest.approx(SEG_MIOU)
-    assert metric.compute()["image_micro_iou"] == pytest.approx(5 / 7)
+    assert metric.compute()["iou_micro_per_image_paper"] == pytest.approx(5 / 7)
     metric.reset()
     assert int(metric.state()["confusion"].sum()) == 0
     assert math.isnan(metric.compute()["pixel_acc"])
@@ -74,6 +89,30 @@ def test_depth_metric_by_hand():
     assert out["abs_err"] == pytest.approx(2 / 3)
     assert out["rel_err"] == pytest.approx(1.25 / 3)
     assert out["rmse"] == pytest.approx(math.sqrt(2 / 3))
+
+
+def test_depth_paper_abs_err_normalises_each_image_by_its_own_maximum():
+    # Image 0: targets 1, 2, (0 invalid), 4 with predictions 2, 2, 3 -> |e| = 1, 0, 1; its max is 4,
+    #   so the normalised errors are 1/4, 0, 1/4.
+    # Image 1: targets 1, 1, 1, 2 with predictions 1, 1, 1, 1 -> |e| = 0, 0, 0, 1; its max is 2,
+    #   so the normalised errors are 0, 0, 0, 1/2.
+    # abs_err_norm_paper = (1/4 + 1/4 + 1/2) / 7 = 1/7; in metres abs_err = 3/7. Normalising by the
+    # split's maximum (4) instead would give 3/4 / 7.
+    target = torch.tensor([[[[1.0, 2.0], [0.0, 4.0]]], [[[1.0, 1.0], [1.0, 2.0]]]])
+    pred = torch.tensor([[[[2.0, 2.0], [5.0, 3.0]]], [[[1.0, 1.0], [1.0, 1.0]]]])
+    metric = DepthMetric()
+    metric.update(pred, target)
+    out = metric.compute()
+    assert out["abs_err_norm_paper"] == pytest.approx(1 / 7)
+    assert out["abs_err"] == pytest.approx(3 / 7)
+    assert set(out) == set(DepthMetric.directions)
+    # The same images one per batch, summed across two "ranks" with sync: the same figure.
+    ranks = [DepthMetric(), DepthMetric()]
+    for i, rank in enumerate(ranks):
+        rank.update(pred[i : i + 1], target[i : i + 1])
+    other = iter(ranks[1].state().values())
+    ranks[0].sync(lambda t: t + next(other))
+    assert ranks[0].compute()["abs_err_norm_paper"] == pytest.approx(1 / 7)
 
 
 def _normals(vectors: list[tuple[float, float, float]]) -> torch.Tensor:

@@ -8,6 +8,7 @@ import torch
 from lomt_train.checkpoint import load_checkpoint
 from lomt_train.cli import main
 from lomt_train.config import RunConfig
+from lomt_train.tasks import get_task
 from lomt_train.trainer import run_dir_for, train
 
 TINY = dict(
@@ -40,6 +41,11 @@ def test_run_writes_a_complete_folder(tmp_path, dataset, tasks):
     assert [row["epoch"] for row in history] == [1, 2]
     results = json.loads((run / "results.json").read_text())
     assert set(results["test"]) == {t if t != "smile" else "smiling" for t in tasks}
+    # Every metric a task declares, the papers' ones included, reaches results.json and the history.
+    for task in results["test"]:
+        names = set(get_task(task).metrics().directions)
+        assert set(results["test"][task]) == names and set(history[-1]["val"][task]) == names
+    assert "iou_micro_per_image_paper" in results["test"]["seg"]
     assert results["group_sparsity"] > 0
     timing = json.loads((run / "timing.json").read_text())
     assert timing["backbone"][0]["median_ms"] > 0 and timing["model"][0]["batch_size"] == 1
