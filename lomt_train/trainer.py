@@ -338,9 +338,15 @@ def _train(
 
     seed_everything(config.seed)
     names = [t.name for t in tasks]
-    common = dict(tasks=names, image_size=config.image_size, layout=config.layout, seed=config.seed)
+    # The splits are the dataset's (build_dataset's fixed split seed), never the run's: every seed
+    # trains, selects and tests on the same images.
+    common = dict(tasks=names, image_size=config.image_size, layout=config.layout)
     train_set = build_dataset(config.dataset, root, "train", augment=config.augment, **common)
     val_set = build_dataset(config.dataset, root, "val", **common)
+    if ctx.is_main:
+        splits = {"train": train_set.ids, "val": val_set.ids,
+                  "test": build_dataset(config.dataset, root, "test", **common).ids}
+        atomic_write_text(json.dumps(splits), run_dir / "splits.json")
     steps_per_epoch = len(_train_loader(train_set, config, ctx, 0))
     model, weighting, optimizer, scheduler = build_run(config, tasks, train_set.num_classes, device, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp and device.type == "cuda")
@@ -489,13 +495,8 @@ def _finish(
     """Evaluate the selected model once on the test split, and record sparsity and latency."""
     best_ckpt = load_checkpoint(run_dir / "best.pt")
     model.load_state_dict(best_ckpt["model"])
-    try:
-        test_set = build_dataset(config.dataset, root, "test", **common)
-        split = "test"
-    except FileNotFoundError:
-        # NYUD_MT ships train/val only; its val split is the standard 654-image test set.
-        test_set = build_dataset(config.dataset, root, "val", **common)
-        split = "val"
+    test_set = build_dataset(config.dataset, root, "test", **common)
+    split = "test"
     _, test_metrics = evaluate(model, _eval_loader(test_set, config, ctx), tasks, config, ctx)
     sparsity = group_sparsity(model.backbone, config.grouping).to_dict()
     result = RunResult(run_dir, best_ckpt["epoch"] + 1, split, test_metrics, sparsity, history)

@@ -18,6 +18,7 @@ from lomt_train.data import (
     detect_nyu_layout,
     make_synthetic_nyu,
 )
+from lomt_train.data.nyu import carve_validation
 
 H, W = 6, 8
 TASKS = ["seg", "depth", "normal", "edge"]
@@ -28,8 +29,10 @@ def _stored_labels(k: int) -> np.ndarray:
     return ((np.arange(H * W) + k) % 41).reshape(H, W)
 
 
-def write_nyud_mt(root: Path) -> Path:
-    """Three images (ids a, b, c): a JPEG, a PNG with a 16-bit label file, ...; train = [b, a], val = [c]."""
+def write_nyud_mt(root: Path, with_test: bool = True) -> Path:
+    """Three images (ids a, b, c): a JPEG, a PNG with a 16-bit label file, ...; train = [b, a],
+    val = [c] and, ``with_test``, test = [c]: a release with its own test split, whose splits are
+    taken as they are (without one, see test_splits_without_a_test_split_*)."""
     for folder in ("images", "segmentation", "depth", "normals", "edge", "gt_sets"):
         (root / folder).mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -48,13 +51,16 @@ def write_nyud_mt(root: Path) -> Path:
         np.save(root / "edge" / f"{item}.npy", (labels % 2).astype(np.float32))
     (root / "gt_sets" / "train.txt").write_text("b\na\n")
     (root / "gt_sets" / "val.txt").write_text("c\n")
+    if with_test:
+        (root / "gt_sets" / "test.txt").write_text("c\n")
     return root
 
 
-def write_mtan(root: Path, channels_last: bool = True) -> Path:
-    """Two train images and one val image as MTAN arrays (channel-first if asked)."""
+def write_mtan(root: Path, channels_last: bool = True, with_test: bool = True) -> Path:
+    """Two train images, one val image and (``with_test``) one test image as MTAN arrays
+    (channel-first if asked)."""
     rng = np.random.default_rng(1)
-    for split, count in (("train", 2), ("val", 1)):
+    for split, count in (("train", 2), ("val", 1), ("test", 1))[: 3 if with_test else 2]:
         for folder in ("image", "label", "depth", "normal"):
             (root / split / folder).mkdir(parents=True)
         for i in range(count):
@@ -140,12 +146,13 @@ def test_mtan_layout_either_channel_order(tmp_path):
         torch.testing.assert_close(s["normal"][:, 2, 3], torch.tensor([0.0, 1.0, 0.0]))
 
 
-def test_mtan_has_no_edge_or_test_split(tmp_path):
-    root = write_mtan(tmp_path)
+def test_mtan_has_no_edge_and_its_val_is_our_test(tmp_path):
+    root = write_mtan(tmp_path, with_test=False)
     with pytest.raises(ValueError, match=r"unknown task\(s\) \['edge'\].*'seg', 'depth', 'normal'"):
         build_dataset("nyu", root, "train", ["seg", "edge"])
-    with pytest.raises(DatasetLayoutError, match=r"no split 'test'.*available splits: \['train', 'val'\]"):
-        build_dataset("nyu", root, "test", ["seg"])
+    assert build_dataset("nyu", root, "test", ["seg"]).ids == ["0"]  # the release's val
+    train, val = (build_dataset("nyu", root, split, ["seg"]).ids for split in ("train", "val"))
+    assert sorted(train + val) == ["0", "1"] and len(val) == 1  # carved from the release's train
 
 
 def test_unknown_task_or_split_or_layout(tmp_path):
@@ -163,8 +170,32 @@ def test_unknown_task_or_split_or_layout(tmp_path):
 
 
 def test_missing_split_file_lists_available_splits(tmp_path):
-    with pytest.raises(DatasetLayoutError, match=r"no split 'test'.*test.txt; available splits: \['train', 'val'\]"):
-        build_dataset("nyu", write_nyud_mt(tmp_path), "test", ["seg"])
+    root = write_nyud_mt(tmp_path, with_test=False)
+    (root / "gt_sets" / "val.txt").unlink()
+    with pytest.raises(DatasetLayoutError, match=r"no split 'val'.*val.txt; available splits: \['train'\]"):
+        build_dataset("nyu", root, "test", ["seg"])
+
+
+@pytest.mark.parametrize("write", [write_nyud_mt, write_mtan])
+def test_splits_without_a_test_split_of_the_release(tmp_path, write):
+    """NYUD_MT and MTAN ship train and val, their val being the standard test set: that is our
+    test split, and our train and val are carved from the release's train: disjoint, covering
+    it, the same every time (no run seed takes part)."""
+    root = write(tmp_path, with_test=False)
+    splits = {split: build_dataset("nyu", root, split, ["seg"]).ids for split in ("train", "val", "test")}
+    release_train = sorted(build_dataset("nyu", write(tmp_path / "again", with_test=True), "train", ["seg"]).ids)
+    assert sorted(splits["train"] + splits["val"]) == release_train and not set(splits["train"]) & set(splits["val"])
+    assert splits["test"] == build_dataset("nyu", write(tmp_path / "again2", with_test=True), "val", ["seg"]).ids
+    assert splits == {split: build_dataset("nyu", root, split, ["seg"]).ids for split in ("train", "val", "test")}
+
+
+def test_validation_is_a_fixed_tenth_of_the_release_train():
+    ids = [f"{i:04d}" for i in range(795)]  # NYUD_MT's training set size
+    train, val = carve_validation(ids)
+    assert len(val) == 80 and len(train) == 715 and sorted(train + val) == ids
+    assert carve_validation(ids) == (train, val) and train == sorted(train)  # file order kept
+    with pytest.raises(DatasetLayoutError, match="at least 2 training images"):
+        carve_validation(["only"])
 
 
 def test_missing_folder_shows_the_layout(tmp_path):
@@ -259,6 +290,6 @@ def test_synthetic_fixture_in_both_layouts(tmp_path):
         s = ds[0]
         assert s["depth"][s["depth"] > 0].min() > 0.5 and s["depth"].max() < 10.0
     root = make_synthetic_nyu(tmp_path / "mtan", num_train=3, num_val=2, size=(24, 32), layout="mtan")
-    ds = build_dataset("nyu", root, "val", ["seg", "depth", "normal"], image_size=16)
+    ds = build_dataset("nyu", root, "test", ["seg", "depth", "normal"], image_size=16)  # the release's val
     assert ds.layout == "mtan" and len(ds) == 2
     assert set(ds[0]["seg"].unique().tolist()) <= set(range(13)) | {255}

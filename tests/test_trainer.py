@@ -51,6 +51,21 @@ def test_run_writes_a_complete_folder(tmp_path, dataset, tasks):
     assert timing["backbone"][0]["median_ms"] > 0 and timing["model"][0]["batch_size"] == 1
 
 
+@pytest.mark.parametrize("dataset, tasks", [("nyu", ["depth"]), ("celeba", ["male"])])
+def test_every_seed_trains_selects_and_tests_on_the_same_disjoint_splits(tmp_path, dataset, tasks):
+    """splits.json (ids per split) is the dataset's, not the run's: the same for two seeds, and
+    its splits are disjoint, so the model is chosen on images it is never tested on."""
+    splits = []
+    for seed in (0, 1):
+        result = train(_config(tmp_path, dataset=dataset, tasks=tasks, seed=seed, epochs=1), progress=False)
+        splits.append(json.loads((result.run_dir / "splits.json").read_text()))
+        assert json.loads((result.run_dir / "results.json").read_text())["test_split"] == "test"
+    assert splits[0] == splits[1]
+    train_ids, val_ids, test_ids = (set(splits[0][name]) for name in ("train", "val", "test"))
+    assert train_ids and val_ids and test_ids
+    assert not (train_ids & val_ids or train_ids & test_ids or val_ids & test_ids)
+
+
 def test_resume_ends_exactly_as_an_uninterrupted_run(tmp_path):
     straight = _config(tmp_path / "a", dataset="nyu", tasks=["seg", "depth"], lambda_=0.05, epochs=3, augment=True)
     interrupted = _config(tmp_path / "b", dataset="nyu", tasks=["seg", "depth"], lambda_=0.05, epochs=3, augment=True)

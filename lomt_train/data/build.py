@@ -27,9 +27,10 @@ def build_dataset(
 
     * ``"nyu"``: :class:`~lomt_train.data.nyu.NYUv2Dataset`; ``layout`` is ``"nyud_mt"``
       (40 classes) or ``"mtan"`` (13 classes), detected from the folders when ``None``.
-      ``seed`` is unused: the release fixes the splits.
+      ``seed`` is unused: the release fixes the splits (see :func:`~lomt_train.data.nyu.split_ids`).
     * ``"celeba"``: :class:`~lomt_train.data.celeba.CelebAMaskHQDataset`; ``layout`` must be
-      ``None`` or ``"celebamask_hq"``; ``seed`` picks the 60/20/20 split.
+      ``None`` or ``"celebamask_hq"``; ``seed`` picks the 60/20/20 split (training uses the
+      default, so that every run of a dataset has the same split).
 
     The dataset has ``num_classes``, ``class_names``, ``tasks`` and ``layout``. ``augment``
     applies to the train split only.

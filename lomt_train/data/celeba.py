@@ -18,7 +18,8 @@ root (or under the cache folder if the root is read-only) and read from there af
 
 The release has no official split; a seeded 60/20/20 train/val/test split is drawn once and
 written as JSON (``lomt_split_seed<seed>.json`` beside the masks unless ``split_path`` names
-a file), and read from that file afterwards.
+a file), and read from that file afterwards. Training takes seed 0 whatever the run's seed, so
+that every run of the dataset has the same split.
 """
 
 from __future__ import annotations

@@ -175,8 +175,48 @@ def detect_nyu_layout(root: str | Path) -> str:
     raise DatasetLayoutError(f"{what} {root}\n{NYUD_MT_TREE}\nor\n{MTAN_TREE}")
 
 
-def _split_ids(root: Path, layout: str, split: str) -> tuple[Path, list[str]]:
-    """The folder the split's files are under, and its ids in file order."""
+#: The share of the release's training images held out for validation when the release has no
+#: test split of its own, and the seed of that draw: fixed for the dataset, never the run's, so
+#: that every run and seed selects its model on the same images and none on the test images.
+VAL_FRACTION = 0.1
+VAL_SEED = 0
+
+
+def carve_validation(ids: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``ids`` split into train and validation ids (both in ``ids``' order): a fixed
+    :data:`VAL_FRACTION` of them, at least one, drawn with :data:`VAL_SEED`."""
+    if len(ids) < 2:
+        raise DatasetLayoutError(f"a validation split needs at least 2 training images, the release has {len(ids)}")
+    held = max(1, round(len(ids) * VAL_FRACTION))
+    chosen = set(torch.randperm(len(ids), generator=torch.Generator().manual_seed(VAL_SEED))[:held].tolist())
+    return [i for k, i in enumerate(ids) if k not in chosen], [i for k, i in enumerate(ids) if k in chosen]
+
+
+def split_ids(root: Path, layout: str, split: str) -> tuple[Path, list[str]]:
+    """Our ``split`` of the release: its folder and ids.
+
+    A release with a test split of its own keeps its train, val and test splits. NYUD_MT and the
+    MTAN arrays ship train and val only, and their val is the standard 654-image test set: there
+    ``test`` is the release's val, and ``train`` and ``val`` are carved from the release's train
+    (:func:`carve_validation`), so that model selection never sees a test image.
+    """
+    if _has_split(root, layout, "test"):
+        return release_split_ids(root, layout, split)
+    if split == "test":
+        return release_split_ids(root, layout, "val")
+    base, ids = release_split_ids(root, layout, "train")
+    train, val = carve_validation(ids)
+    return base, train if split == "train" else val
+
+
+def _has_split(root: Path, layout: str, split: str) -> bool:
+    if layout == "nyud_mt":
+        return (root / "gt_sets" / f"{split}.txt").is_file()
+    return (root / split / "image").is_dir()
+
+
+def release_split_ids(root: Path, layout: str, split: str) -> tuple[Path, list[str]]:
+    """The folder the release's own ``split`` is under, and its ids in file order."""
     tree = LAYOUTS[layout].tree
     if layout == "nyud_mt":
         sets = require_dir(root / "gt_sets", tree)
@@ -207,7 +247,8 @@ class NYUv2Dataset(Dataset):
     ``normal`` float32 ``[3, H, W]`` unit vectors (0 = invalid), ``edge`` float32 ``[1, H, W]``
     in {0, 1}; plus ``index``. ``(H, W)`` is ``image_size``.
 
-    ``layout`` is detected from the folders unless given. ``augment`` (random scale-crop and
+    ``layout`` is detected from the folders unless given; ``split`` is ``"train"``, ``"val"`` or
+    ``"test"`` as :func:`split_ids` maps them onto the release. ``augment`` (random scale-crop and
     flip, see :mod:`~lomt_train.data.transforms`) applies to the ``"train"`` split only, so the
     same flag can be passed for every split.
     """
@@ -236,7 +277,7 @@ class NYUv2Dataset(Dataset):
         self.augment = augment and split == "train"
         self.class_names = list(spec.class_names)
         self.num_classes = len(self.class_names)
-        self._base, self.ids = _split_ids(self.root, layout, split)
+        self._base, self.ids = split_ids(self.root, layout, split)
         self._sources = {key: spec.sources[key] for key in ("image", *self.tasks)}
         for source in self._sources.values():
             require_dir(self._base / source.folder, spec.tree)
