@@ -1,4 +1,4 @@
-"""``python -m benchmarks.newton_starts``: how many Newton passes the weighted prox needs, by start and update.
+"""``python -m benchmarks.studies.newton_starts``: how many Newton passes the weighted prox needs, by start and update.
 
 The ``"group_weighted"`` prox solves, per nonzero group, :math:`\\varphi(\\theta) = 1` with
 :math:`\\varphi(\\theta) = (\\sum_j z_j^2 / (\\theta + a_j)^2)^{-1/2}` and :math:`a_j = \\tau / d_j`
@@ -33,7 +33,7 @@ from torch import Tensor
 from lomt_kernels.grouping import as_groups
 from lomt_kernels.reference import WEIGHTED_PROX_RTOL
 
-from .params import LR, adam_z_and_d, build_set, set_names
+from ..params import LR, adam_z_and_d, build_set, set_names
 
 RTOL = WEIGHTED_PROX_RTOL[torch.float32]
 #: Newton updates that solve a two-point model (scalar work per group).
@@ -168,7 +168,7 @@ def _count(n: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.newton_starts", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.studies.newton_starts", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sets", default="resnet50-convs", help=f"comma-separated, of {', '.join(set_names())}")
     args = parser.parse_args(argv)
     for name in args.sets.split(","):
