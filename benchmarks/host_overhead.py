@@ -50,17 +50,12 @@ def tiny(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def model_shapes(name: str) -> list[tuple[tuple[int, ...], bool]]:
     """``(shape, takes the prox)`` of every trainable tensor of the set called ``name``."""
-    from benchmarks.params import resnet50_conv_shapes
+    from benchmarks.params import nyu_model_params, resnet50_conv_shapes
 
     if name == "resnet50-convs":
         return [(shape, True) for shape in resnet50_conv_shapes()]
-    from lomt_kernels import prox_param_groups
-    from lomt_train.models import build_model
-
     with torch.device("meta"):
-        model = build_model(["seg", "normal", "depth"], num_classes=40, backbone="resnet50")
-    sparse = {id(p) for p in prox_param_groups(model, "backbone", lambda_=1.0)[0]["params"]}
-    return [(tuple(p.shape), id(p) in sparse) for p in model.parameters() if p.requires_grad]
+        return [(tuple(p.shape), sparse) for p, sparse in nyu_model_params()]
 
 
 class Setup:

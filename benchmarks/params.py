@@ -147,6 +147,18 @@ def resnet50_backbone(device: torch.device | str = "cpu", *, seed: int = 0) -> P
     )
 
 
+def nyu_model_params(*, backbone: str = "resnet50", aspp_channels: int | None = None) -> list[tuple[Tensor, bool]]:
+    """The trainable params of the NYU 3-task model, each with whether it takes the prox
+    (:func:`lomt_kernels.prox_param_groups` ``(model, "backbone")``'s split). Built on the default
+    device: under ``torch.device("meta")`` only their shapes cost anything."""
+    from lomt_kernels import prox_param_groups
+    from lomt_train.models import build_model
+
+    model = build_model(["seg", "normal", "depth"], num_classes=40, backbone=backbone, aspp_channels=aspp_channels)
+    sparse_ids = {id(p) for p in prox_param_groups(model, "backbone", lambda_=1.0)[0]["params"]}
+    return [(p, id(p) in sparse_ids) for p in model.parameters() if p.requires_grad]
+
+
 def nyu_multitask(
     device: torch.device | str = "cpu", *, backbone: str = "resnet50", seed: int = 0,
     aspp_channels: int | None = None,
@@ -155,23 +167,12 @@ def nyu_multitask(
 
     The split is :func:`lomt_kernels.prox_param_groups` ``(model, "backbone")``'s.
     """
-    from lomt_kernels import prox_param_groups
-    from lomt_train.models import build_model
-
     torch.manual_seed(seed)
-    model = build_model(
-        ["seg", "normal", "depth"], num_classes=40, backbone=backbone, aspp_channels=aspp_channels
-    )
-    sparse_ids = {id(p) for p in prox_param_groups(model, "backbone", lambda_=1.0)[0]["params"]}
     gen = torch.Generator().manual_seed(seed)
     params, mask = [], []
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        is_sparse = id(p) in sparse_ids
+    for p, is_sparse in nyu_model_params(backbone=backbone, aspp_channels=aspp_channels):
         params.append(_grouped_conv_weight(tuple(p.shape), gen) if is_sparse else p.detach().clone())
         mask.append(is_sparse)
-    del model
     n = sum(p.numel() for p in params)
     n_sparse = sum(p.numel() for p, m in zip(params, mask) if m)
     name = "nyu-3task" if backbone == "resnet50" else f"nyu-3task-{backbone}"

@@ -66,7 +66,7 @@ def predict(name: str, prox: str, sms: int, l2_bytes: float, newton_passes: int,
         if not group:
             continue
         hyper = launch.Hyper(prox if group[0][1] else "none", "in_channel", False, 0.9, 0.999)
-        tensors = [launch.tensor_prox(torch.empty(shape, device="meta"), hyper) for shape, _ in group]
+        tensors = [launch.layout_and_prox(torch.empty(shape, device="meta"), hyper) for shape, _ in group]
         work = launch.plan_launch(tensors, tile, hyper, sms)
         items += len(work.items)
         slabs += len(work.slabs)

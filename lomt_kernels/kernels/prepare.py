@@ -33,6 +33,21 @@ class WorkTensors(NamedTuple):
     prox: str
 
 
+def check_dtypes(p: Tensor, m: Tensor, v: Tensor) -> None:
+    """Raise ``TypeError`` unless the float32-arithmetic kernels take ``p`` and its state."""
+    if p.dtype not in HALF_AND_FLOAT or m.dtype != p.dtype or v.dtype != p.dtype:
+        raise TypeError(
+            f"the fused kernels take {', '.join(map(str, HALF_AND_FLOAT))} params with exp_avg and "
+            f"exp_avg_sq of the param's dtype; got {p.dtype}, {m.dtype} and {v.dtype}"
+        )
+
+
+def tensor_prox(p: Tensor, prox: str, lambda_zero: bool) -> str:
+    """The prox ``p`` takes: ``prox``, or ``"none"`` when ``lambda_`` is 0 or ``p`` has fewer
+    than two dims."""
+    return prox if prox != "none" and not lambda_zero and is_grouped(p) else "none"
+
+
 #: What :func:`work_tensors` does with a grad whose dtype is not its param's.
 GRAD_DTYPE_POLICIES = ("keep", "cast")
 
@@ -58,21 +73,16 @@ def work_tensors(
     """
     if grad_dtype not in GRAD_DTYPE_POLICIES:
         raise ValueError(f"unknown grad_dtype={grad_dtype!r}: expected one of {GRAD_DTYPE_POLICIES}")
-    takes_prox = prox != "none" and lambda_ != 0
     group_prox = prox in ("group", "group_weighted")
     works = {}
     for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
         dtype = p.dtype
         if p.numel() == 0 or dtype == torch.float64:
             continue
-        if dtype not in HALF_AND_FLOAT or m.dtype != dtype or v.dtype != dtype:
-            raise TypeError(
-                f"the fused kernels take {', '.join(map(str, HALF_AND_FLOAT))} params with exp_avg and "
-                f"exp_avg_sq of the param's dtype; got {dtype}, {m.dtype} and {v.dtype}"
-            )
+        check_dtypes(p, m, v)
         g_dtype = dtype if grad_dtype == "cast" else g.dtype
-        tensor_prox = prox if takes_prox and is_grouped(p) else "none"
-        grouped = group_prox and tensor_prox != "none"
+        own_prox = tensor_prox(p, prox, lambda_ == 0)
+        grouped = group_prox and own_prox != "none"
         layout = group_layout(p, grouping) if grouped else GroupLayout(1, 1, p.numel()) if is_dense(p) else None
         if layout is None:
             p = p.contiguous()
@@ -84,7 +94,7 @@ def work_tensors(
             m = torch.empty_like(p).copy_(m)
         if v.stride() != stride:
             v = torch.empty_like(p).copy_(v)
-        works[i] = WorkTensors(p, g, m, v, layout, tensor_prox)
+        works[i] = WorkTensors(p, g, m, v, layout, own_prox)
     return works
 
 

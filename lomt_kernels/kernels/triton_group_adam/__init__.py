@@ -67,21 +67,18 @@ def group_prox_adam(
     computes in float32); those steps read ``lr``, the steps and ``found_inf`` on the host.
     """
     del capturable  # every step is capturable
+    hyper = dict(
+        beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
+        maximize=maximize, lambda_=lambda_, prox=prox, grouping=grouping, increment_steps=increment_steps,
+    )
+    tensors = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
     if torch.compiler.is_compiling():
         lr_tensor = lr if isinstance(lr, Tensor) else None
         torch.ops.lomt.triton_group_prox_adam_(
-            params, grads, exp_avgs, exp_avg_sqs, state_steps, grad_scale, found_inf, lr_tensor,
-            lr=0.0 if lr_tensor is not None else float(lr), beta1=beta1, beta2=beta2, eps=eps,
-            weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
-            lambda_=lambda_, prox=prox, grouping=grouping, increment_steps=increment_steps,
+            *tensors, grad_scale, found_inf, lr_tensor, lr=0.0 if lr_tensor is not None else float(lr), **hyper
         )
-        return
-    _step(
-        params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-        weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
-        lambda_=lambda_, prox=prox, grouping=grouping, grad_scale=grad_scale, found_inf=found_inf,
-        increment_steps=increment_steps,
-    )
+    else:
+        _step(*tensors, lr=lr, grad_scale=grad_scale, found_inf=found_inf, **hyper)
 
 
 def _step(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, grad_scale, found_inf, increment_steps, **hyper) -> None:

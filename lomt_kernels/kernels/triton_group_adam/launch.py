@@ -29,8 +29,8 @@ import triton
 from torch import Tensor
 
 from ... import reference
-from ...grouping import GroupLayout, group_layout, is_grouped
-from ..prepare import HALF_AND_FLOAT, is_dense, work_tensors, write_back
+from ...grouping import GroupLayout, group_layout
+from ..prepare import check_dtypes, is_dense, tensor_prox, work_tensors, write_back
 from . import kernel as k
 from .plan import VECTOR_BYTES, Plan, TileShape, build_plan, finisher_lag, geometry_is_vectorisable
 
@@ -195,10 +195,11 @@ def plan_launch(tensors: list[tuple[GroupLayout, str]], tile: TileShape, hyper: 
     )
 
 
-def tensor_prox(p: Tensor, hyper: Hyper) -> tuple[GroupLayout | None, str]:
-    """The layout the kernel reads ``p`` in and the prox ``p`` takes (``none`` for fewer than two
-    dims or ``lambda_ == 0``); ``layout`` is ``None`` for a grouped tensor without one."""
-    prox = hyper.prox if hyper.prox != "none" and not hyper.lambda_zero and is_grouped(p) else "none"
+def layout_and_prox(p: Tensor, hyper: Hyper) -> tuple[GroupLayout | None, str]:
+    """The layout the kernel reads ``p`` in and the prox ``p`` takes
+    (:func:`~lomt_kernels.kernels.prepare.tensor_prox`); ``layout`` is ``None`` for a grouped
+    tensor without one."""
+    prox = tensor_prox(p, hyper.prox, hyper.lambda_zero)
     if prox in ("group", "group_weighted"):
         return group_layout(p, hyper.grouping), prox
     return GroupLayout(1, 1, p.numel()), prox
@@ -274,12 +275,8 @@ def _groups_of(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor]
         if p.dtype == torch.float64:
             wide.append(i)
             continue
-        if p.dtype not in HALF_AND_FLOAT or m.dtype != p.dtype or v.dtype != p.dtype:
-            raise TypeError(
-                f"the fused kernels take {', '.join(map(str, HALF_AND_FLOAT))} params with exp_avg and "
-                f"exp_avg_sq of the param's dtype; got {p.dtype}, {m.dtype} and {v.dtype}"
-            )
-        if _in_place(p, g, m, v) and tensor_prox(p, hyper)[0] is not None:
+        check_dtypes(p, m, v)
+        if _in_place(p, g, m, v) and layout_and_prox(p, hyper)[0] is not None:
             groups.setdefault((p.dtype, g.dtype), []).append(i)
         else:
             copied.append(i)
@@ -297,7 +294,7 @@ def _build(params, grads, exp_avgs, exp_avg_sqs, steps, hyper: Hyper) -> _Launch
     for (_, g_dtype), index in groups.items():
         entries = []
         for i in index:
-            entries.append((params[i], exp_avgs[i], exp_avg_sqs[i], steps[i], *tensor_prox(params[i], hyper)))
+            entries.append((params[i], exp_avgs[i], exp_avg_sqs[i], steps[i], *layout_and_prox(params[i], hyper)))
         in_place.append(Launch(index, entries, g_dtype, hyper))
     return _Launches(in_place, copied, wide)
 

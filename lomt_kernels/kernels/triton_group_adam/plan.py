@@ -134,8 +134,6 @@ class Plan:
     stats: int
     #: Items of each tensor (its step count is written by the last of them).
     tensor_items: tuple[int, ...]
-    #: Items between a slab's last PARTIAL item and its first FINISH item.
-    lag: int
 
     def partial_items(self, slab: int) -> int:
         s = self.slabs[slab]
@@ -193,7 +191,7 @@ def build_plan(
         items.extend(release[position])
     return Plan(
         tile, tuple(slabs), tuple(items), tuple(partial_offsets), tuple(stat_offsets), partials, stats,
-        tuple(tensor_items), lag,
+        tuple(tensor_items),
     )
 
 
