@@ -75,8 +75,12 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--depth-loss", choices=["mse", "l1"])
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--backend", choices=["auto", "torch", "cpu", "triton", "cuda"], help="FusedGroupProxAdam kernel")
-    p.add_argument("--amp", action="store_true", default=None, help="mixed precision (fp16 on CUDA, bf16 on CPU)")
-    p.add_argument("--workers", type=int, help="data loader workers")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction,
+                   help="mixed precision (default: bf16 on a CUDA GPU that supports it, off on the CPU)")
+    p.add_argument("--amp-dtype", choices=["bfloat16", "float16"], help="autocast dtype (float16: CUDA only, with a GradScaler)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                   help="channels_last memory format for the model and images (default: on CUDA only)")
+    p.add_argument("--workers", type=int, help="data loader workers (default: min(8, CPUs) on CUDA, 0 on the CPU)")
     p.add_argument("--synthetic-images", type=int, help="training images in the synthetic set")
     p.add_argument("--out", help="output folder (default: runs)")
     p.add_argument("--resume", action="store_true", help="continue the runs in --out from their last checkpoint")

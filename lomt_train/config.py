@@ -22,6 +22,11 @@ class RunConfig:
     starting value of a :class:`lomt_kernels.LambdaController`, and the last
     ``healing_epochs`` (default: a fifth of the epochs; 0: none) fine-tune with the zero groups
     frozen. ``peer="pat"`` reaches ``target_sparsity`` with torchao's PAT instead (:mod:`lomt_train.pat`).
+
+    ``amp`` (mixed precision), ``amp_dtype`` (``"bfloat16"`` or ``"float16"``), ``channels_last``
+    and ``workers`` (DataLoader processes) are ``None`` for auto: decided from the device by
+    :func:`lomt_train.runtime.resolve_runtime` (on CUDA: bf16 where supported, channels_last,
+    workers and pinned memory; on the CPU: none of them) and recorded in ``results.json``.
     """
 
     dataset: str
@@ -54,8 +59,10 @@ class RunConfig:
     depth_loss: str = "mse"
     device: str = "auto"
     backend: str = "auto"
-    amp: bool = False
-    workers: int = 0
+    amp: bool | None = None
+    amp_dtype: str | None = None
+    channels_last: bool | None = None
+    workers: int | None = None
     synthetic_images: int = 96
     timing_batch_sizes: list[int] = field(default_factory=lambda: [1])
     timing_repeats: int = 10

@@ -1,10 +1,15 @@
 """One training run: data, model, FusedGroupProxAdam, validation, test, timing, all to a folder.
 
+:func:`train` opens the run (:func:`open_run`: checks, data, building, restoring a
+:class:`~lomt_train.run_state.RunState`), calls :func:`run_epoch` (train one epoch, validate,
+select and early-stop, checkpoint) until the run is done, then :func:`finish_run` (test).
+
 A run folder holds ``config.json`` (the exact configuration), ``history.json`` and
-``history.csv`` (one row per epoch: losses, validation metrics, task weights, sparsity, time),
-``last.pt`` and ``best.pt`` (atomic checkpoints), ``sparsity.json`` (per-layer figures of the
-selected model's backbone), ``timing.json`` (inference latency) and ``results.json`` (the
-test metrics of the selected model, evaluated once, in eval mode).
+``history.csv`` (one row per epoch: losses, validation metrics, task weights, sparsity, time,
+loader and model images/s), ``last.pt`` (the :class:`~lomt_train.run_state.RunState`) and
+``best.pt`` (atomic checkpoints), ``sparsity.json`` (per-layer figures of the selected model's
+backbone), ``timing.json`` (inference latency) and ``results.json`` (the test metrics of the
+selected model, evaluated once, in eval mode, and the device settings that ran).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import contextlib
 import csv
 import dataclasses
 import io
+import itertools
 import json
 import math
 import os
@@ -30,9 +36,7 @@ from tqdm.auto import tqdm
 from lomt_kernels import FusedGroupProxAdam, MacFraction, group_sparsity, prox_param_groups
 
 from .atomic import remove_orphans
-from .checkpoint import (
-    CheckpointError, atomic_save, atomic_write_text, load_checkpoint, rng_state, seed_everything, set_rng_state,
-)
+from .checkpoint import atomic_save, atomic_write_text, load_checkpoint, seed_everything
 from .config import RunConfig
 from .distributed import DistContext, init_distributed, shard
 from .data import DATASET_NAMES, build_dataset, generate_cached, make_synthetic_celeba, make_synthetic_nyu
@@ -40,8 +44,10 @@ from .locking import LockedError, hold_lock
 from .losses import build_weighting
 from .models import MultiTaskModel, build_model
 from .nonfinite import NonFiniteGuard, all_finite
-from .resume import check_resume
 from .pat import check_peer, pat_optimizer
+from .resume import check_resume
+from .run_state import RunState, check_layout
+from .runtime import Runtime, runtime_for
 from .targets import WARMUP_EPOCHS, build_controller, check_target, healing_epochs, selectable, target_label
 from .tasks import Task, get_task, resolve_tasks
 from .timing import measure_latency
@@ -90,7 +96,7 @@ def validate(config: RunConfig) -> list[Task]:
     if config.epochs < 1 or config.batch_size < 1:
         raise ValueError(f"epochs ({config.epochs}) and batch size ({config.batch_size}) must be >= 1")
     for name, least in (("image_size", 8), ("synthetic_images", 4), ("max_nonfinite_steps", 1), ("timing_repeats", 1),
-                        ("patience", 0), ("workers", 0)):
+                        ("patience", 0)):
         if getattr(config, name) < least:
             raise ValueError(f"{name}={getattr(config, name)}: it must be >= {least}")
     if config.aspp_channels is not None and config.aspp_channels < 1:
@@ -101,7 +107,7 @@ def validate(config: RunConfig) -> list[Task]:
         raise ValueError("give a dataset folder with --data PATH, or use --synthetic for the built-in data")
     if not config.synthetic and not Path(config.data).is_dir():
         raise FileNotFoundError(f"--data {config.data}: no such folder")
-    resolve_device(config.device)
+    runtime_for(config, resolve_device(config.device))  # refuses settings the device cannot run
     build_weighting(config.weighting, config.tasks)
     check_target(config)
     check_peer(config)
@@ -122,7 +128,7 @@ def dataset_root(config: RunConfig) -> Path:
     return generate_cached("celeba", make_synthetic_celeba, num_images=n + n // 2, size=size, seed=0)
 
 
-def _train_loader(dataset, config: RunConfig, ctx: DistContext, epoch: int) -> DataLoader:
+def _train_loader(dataset, config: RunConfig, runtime: Runtime, ctx: DistContext, epoch: int) -> DataLoader:
     """This rank's batches of epoch ``epoch``, the same whether or not the run was interrupted.
 
     Shuffling and the workers' seeds derive from (seed, epoch) only. Under DDP each rank draws
@@ -141,27 +147,32 @@ def _train_loader(dataset, config: RunConfig, ctx: DistContext, epoch: int) -> D
         sampler=sampler,
         # BatchNorm needs more than one item per batch; a short last batch is dropped.
         drop_last=len(dataset) > config.batch_size * ctx.world_size,
-        num_workers=config.workers,
+        num_workers=runtime.workers,
+        pin_memory=runtime.pin_memory,
         generator=generator,
     )
 
 
-def _eval_loader(dataset, config: RunConfig, ctx: DistContext) -> DataLoader:
-    return DataLoader(shard(dataset, ctx), batch_size=config.batch_size, num_workers=config.workers)
+def _eval_loader(dataset, config: RunConfig, runtime: Runtime, ctx: DistContext) -> DataLoader:
+    # Persistent workers: the validation loader is read once per epoch and keeps its order.
+    return DataLoader(shard(dataset, ctx), batch_size=config.batch_size, num_workers=runtime.workers,
+                      pin_memory=runtime.pin_memory, persistent_workers=runtime.workers > 0)
 
 
-def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
-
-
-def _autocast(config: RunConfig, device: torch.device):
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype, enabled=config.amp)
+def _to(batch: dict[str, Any], device: torch.device, runtime: Runtime) -> dict[str, Any]:
+    """The batch on ``device``; copies do not wait for the host (they overlap compute from pinned
+    memory), and images take the model's memory format."""
+    image_format = torch.channels_last if runtime.channels_last else torch.preserve_format
+    return {
+        k: v.to(device, non_blocking=True, memory_format=image_format if k == "image" else torch.preserve_format)
+        if isinstance(v, Tensor) else v
+        for k, v in batch.items()
+    }
 
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: Iterable[dict[str, Any]], tasks: list[Task], config: RunConfig, ctx: DistContext
+    model: nn.Module, loader: Iterable[dict[str, Any]], tasks: list[Task], runtime: Runtime, ctx: DistContext
 ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """Mean loss per task and metrics per task over a whole split, in eval mode.
 
@@ -172,8 +183,8 @@ def evaluate(
     meters = {t.name: t.metrics() for t in tasks}
     loss_sums = torch.zeros(len(tasks) + 1, dtype=torch.float64, device=ctx.device)  # last entry: item count
     for batch in loader:
-        batch = _to(batch, ctx.device)
-        with _autocast(config, ctx.device):
+        batch = _to(batch, ctx.device, runtime)
+        with runtime.autocast():
             preds = model(batch["image"])
         n = batch["image"].shape[0]
         loss_sums[-1] += n
@@ -255,12 +266,15 @@ def _flatten(row: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def build_run(config: RunConfig, tasks: list[Task], num_classes: int, device: torch.device, steps_per_epoch: int):
+def build_run(
+    config: RunConfig, tasks: list[Task], num_classes: int, device: torch.device, steps_per_epoch: int,
+    *, channels_last: bool = False,
+):
     """Model, loss weighting, optimizer and LR schedule of a run, on ``device``."""
     model = build_model(
         tasks, num_classes=num_classes, backbone=config.backbone, weights=config.weights,
         attach=config.attach or None, aspp_channels=config.aspp_channels,
-    ).to(device)
+    ).to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     names = [t.name for t in tasks]
     weighting = build_weighting(config.weighting, names).to(device)
     groups = prox_param_groups(model, "backbone", lambda_=config.lambda_, prox=config.prox, grouping=config.grouping)
@@ -282,22 +296,92 @@ def build_run(config: RunConfig, tasks: list[Task], num_classes: int, device: to
     return model, weighting, optimizer, scheduler
 
 
-def train(
-    config: RunConfig, *, resume: bool = False, progress: bool = True, stop_after: int | None = None
-) -> RunResult | None:
-    """Train one run to completion (or, with ``stop_after``, for that many epochs of this call).
+def build_state(
+    config: RunConfig, tasks: list[Task], num_classes: int, ctx: DistContext, runtime: Runtime, steps_per_epoch: int,
+) -> RunState:
+    """A fresh :class:`RunState` at epoch 0: :func:`build_run`'s parts, the GradScaler, the λ
+    controller of a target run, and a non-finite guard that logs on rank 0."""
+    model, weighting, optimizer, scheduler = build_run(
+        config, tasks, num_classes, ctx.device, steps_per_epoch, channels_last=runtime.channels_last
+    )
+    return RunState(
+        model=model, weighting=weighting, optimizer=optimizer, scheduler=scheduler, scaler=runtime.grad_scaler(),
+        controller=build_controller(config, model, optimizer, ctx.device, steps_per_epoch),
+        guard=NonFiniteGuard(config.max_nonfinite_steps, log=tqdm.write if ctx.is_main else lambda _: None),
+    )
 
-    ``resume=True`` continues from the run folder's ``last.pt`` so that the run ends exactly as
-    if it had never stopped, and only with the options it was started with. Returns ``None``
-    when stopped early by ``stop_after``. Under ``torchrun`` every rank calls this; rank 0 alone
-    writes files and shows progress, and holds the folder's lock so that no other process
-    writes the same run.
+
+def _wrap_for_ranks(objective: Objective, ctx: DistContext) -> nn.Module:
+    """``objective`` under DDP (with SyncBatchNorm on CUDA) when several processes train; else itself."""
+    if not ctx.enabled:
+        return objective
+    if ctx.device.type == "cuda":
+        objective = nn.SyncBatchNorm.convert_sync_batchnorm(objective)
+    return DistributedDataParallel(objective, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+
+
+def _data_on_every_rank(config: RunConfig, ctx: DistContext) -> Path:
+    """:func:`dataset_root` on every rank: rank 0 generates synthetic data while the others wait
+    at a barrier, then they find it."""
+    root = dataset_root(config) if ctx.is_main else None
+    ctx.barrier()
+    return root if root is not None else dataset_root(config)
+
+
+def _dataset_options(config: RunConfig, tasks: list[Task]) -> dict[str, Any]:
+    return dict(tasks=[t.name for t in tasks], image_size=config.image_size, layout=config.layout)
+
+
+@dataclass
+class Run:
+    """A run opened by :func:`open_run`: its data, device settings and :class:`RunState`, ready
+    for :func:`run_epoch` until :attr:`done`, then :func:`finish_run`."""
+
+    config: RunConfig
+    tasks: list[Task]
+    ctx: DistContext
+    run_dir: Path
+    runtime: Runtime
+    root: Path
+    train_set: Any
+    val_loader: DataLoader
+    state: RunState
+    objective: nn.Module
+    progress: bool
+
+    @property
+    def done(self) -> bool:
+        """Every epoch trained, or early stopping's patience spent."""
+        return self.state.epoch >= self.config.epochs or self.state.early.exhausted(self.config.patience)
+
+
+@contextlib.contextmanager
+def open_run(config: RunConfig, *, resume: bool = False, progress: bool = True) -> Iterator[Run]:
+    """Check ``config``, join ``torchrun``'s process group if any, hold the run folder's lock and
+    build the run (restored from ``last.pt`` with ``resume``), then yield it.
+
+    :func:`train` is this with :func:`run_epoch` in a loop and :func:`finish_run`; a caller
+    that runs fewer epochs leaves a folder that ``resume=True`` continues exactly.
     """
     tasks = validate(config)
     ctx = init_distributed(resolve_device(config.device))
     run_dir = run_dir_for(config)
     with _run_lock(run_dir, ctx):
-        return _train(config, tasks, ctx, run_dir, resume=resume, progress=progress, stop_after=stop_after)
+        yield _prepare(config, tasks, ctx, run_dir, resume=resume, progress=progress and ctx.is_main)
+
+
+def train(config: RunConfig, *, resume: bool = False, progress: bool = True) -> RunResult:
+    """Train one run to completion and evaluate its selected model on the test split.
+
+    ``resume=True`` continues from the run folder's ``last.pt`` so that the run ends exactly as
+    if it had never stopped, and only with the options it was started with. Under ``torchrun``
+    every rank calls this; rank 0 alone writes files and shows progress, and holds the folder's
+    lock so that no other process writes the same run.
+    """
+    with open_run(config, resume=resume, progress=progress) as run:
+        while not run.done:
+            run_epoch(run)
+        return finish_run(run)
 
 
 @contextlib.contextmanager
@@ -319,153 +403,224 @@ def _run_lock(run_dir: Path, ctx: DistContext) -> Iterator[None]:
         yield
 
 
-def _train(
-    config: RunConfig, tasks: list[Task], ctx: DistContext, run_dir: Path, *, resume: bool, progress: bool,
-    stop_after: int | None,
-) -> RunResult | None:
-    device = ctx.device
-    progress = progress and ctx.is_main
+def _prepare(
+    config: RunConfig, tasks: list[Task], ctx: DistContext, run_dir: Path, *, resume: bool, progress: bool
+) -> Run:
+    """Everything before the first epoch; a checkpoint to resume is read and checked before any
+    data is generated or file written."""
     if ctx.is_main:
         remove_orphans(run_dir)  # left by a writer that was killed; the lock says it is gone
     ckpt = check_resume(config, run_dir, resume=resume)
-    if ctx.is_main:
-        if ckpt is None:
-            atomic_write_text(config.to_json(), run_dir / "config.json")
-        root = dataset_root(config)  # rank 0 generates synthetic data; the others then find it
-    ctx.barrier()
-    if not ctx.is_main:
-        root = dataset_root(config)
+    if ckpt is not None:
+        check_layout(ckpt, run_dir / "last.pt")
+    elif ctx.is_main:
+        atomic_write_text(config.to_json(), run_dir / "config.json")
+    root = _data_on_every_rank(config, ctx)
+    runtime = runtime_for(config, ctx.device)
 
     seed_everything(config.seed)
-    names = [t.name for t in tasks]
     # The splits are the dataset's (build_dataset's fixed split seed), never the run's: every seed
     # trains, selects and tests on the same images.
-    common = dict(tasks=names, image_size=config.image_size, layout=config.layout)
+    common = _dataset_options(config, tasks)
     train_set = build_dataset(config.dataset, root, "train", augment=config.augment, **common)
     val_set = build_dataset(config.dataset, root, "val", **common)
     if ctx.is_main:
         splits = {"train": train_set.ids, "val": val_set.ids,
                   "test": build_dataset(config.dataset, root, "test", **common).ids}
         atomic_write_text(json.dumps(splits), run_dir / "splits.json")
-    steps_per_epoch = len(_train_loader(train_set, config, ctx, 0))
-    model, weighting, optimizer, scheduler = build_run(config, tasks, train_set.num_classes, device, steps_per_epoch)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.amp and device.type == "cuda")
-    controller = build_controller(config, model, optimizer, device, steps_per_epoch)
-    target = None
-
-    history: list[dict[str, Any]] = []
-    best = {"score": math.inf, "epoch": -1, "bad_epochs": 0}
-    start_epoch = 0
-    guard = NonFiniteGuard(config.max_nonfinite_steps, log=tqdm.write if ctx.is_main else lambda _: None)
+    steps_per_epoch = len(_train_loader(train_set, config, runtime, ctx, 0))
+    state = build_state(config, tasks, train_set.num_classes, ctx, runtime, steps_per_epoch)
     if ckpt is not None:
-        try:
-            model.load_state_dict(ckpt["model"])
-            weighting.load_state_dict(ckpt["weighting"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            scaler.load_state_dict(ckpt["scaler"])
-            set_rng_state(ckpt["rng"])
-            guard.load_state_dict(ckpt.get("nonfinite", {"skipped": 0, "consecutive": 0}))
-            if controller is not None:
-                controller.load_state_dict(ckpt["controller"])
-            history, best, start_epoch = ckpt["history"], ckpt["best"], ckpt["epoch"] + 1
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(
-                f"checkpoint {run_dir / 'last.pt'} does not fit this run ({exc}); delete it to start over"
-            ) from exc
-
-    objective: nn.Module = Objective(model, weighting, tasks)
-    if ctx.enabled:
-        if device.type == "cuda":
-            objective = nn.SyncBatchNorm.convert_sync_batchnorm(objective)
-        objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
+        state.load_state_dict(ckpt, run_dir / "last.pt")
+    objective = _wrap_for_ranks(Objective(state.model, state.weighting, tasks), ctx)
     if progress:
         tqdm.write(f"{run_dir}: {len(train_set)} training items, effective batch {config.batch_size * ctx.world_size}"
-                   f" ({ctx.world_size} process{'es' if ctx.enabled else ''}), device {device}")
-    val_loader = _eval_loader(val_set, config, ctx)
-    epochs_run = 0
-    for epoch in range(start_epoch, config.epochs):
-        if best["bad_epochs"] >= config.patience > 0:
+                   f" ({ctx.world_size} process{'es' if ctx.enabled else ''}), device {ctx.device}, "
+                   f"{runtime_summary(runtime)}")
+    return Run(config, tasks, ctx, run_dir, runtime, root, train_set, _eval_loader(val_set, config, runtime, ctx),
+               state, objective, progress)
+
+
+def runtime_summary(runtime: Runtime) -> str:
+    """The resolved device settings in words, for the run's first log line."""
+    precision = f"{runtime.amp_dtype} autocast" if runtime.amp_dtype else "fp32"
+    memory = "channels_last" if runtime.channels_last else "contiguous"
+    pinned = ", pinned" if runtime.pin_memory else ""
+    return f"{precision}, {memory}, {runtime.workers} loader worker{'s' * (runtime.workers != 1)}{pinned}"
+
+
+class StepClock:
+    """Time inside training steps, summed over an epoch.
+
+    On the CPU it is the host clock. On CUDA the host runs ahead of the kernels, so CUDA events
+    are recorded around each step and read once, at :meth:`seconds`: the figure covers the
+    kernels and the timing adds no synchronisation per step.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self._stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._host = 0.0
+        self._started: Any = None
+
+    def __enter__(self) -> None:
+        if self._stream is None:
+            self._started = time.perf_counter()
+        else:
+            self._started = torch.cuda.Event(enable_timing=True)
+            self._started.record(self._stream)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._stream is None:
+            self._host += time.perf_counter() - self._started
+        else:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record(self._stream)
+            self._events.append((self._started, end))
+
+    def seconds(self) -> float:
+        if self._stream is None or not self._events:
+            return self._host
+        self._events[-1][1].synchronize()
+        return sum(start.elapsed_time(end) for start, end in self._events) / 1000  # elapsed_time is in milliseconds
+
+
+@dataclass
+class EpochStats:
+    """What :func:`train_one_epoch` measured. ``images`` counts every item drawn (skipped steps
+    included); ``train_loss`` averages over the steps taken; ``loader_seconds`` is the time this
+    process waited for batches and ``step_seconds`` the time in steps (see :class:`StepClock`)."""
+
+    train_loss: dict[str, float]
+    skipped_steps: int
+    images: int
+    loader_seconds: float
+    step_seconds: float
+    target: dict[str, Any] | None
+
+
+def _rate(images: int, seconds: float) -> float | None:
+    return images / seconds if seconds > 0 else None
+
+
+def train_one_epoch(run: Run, epoch: int) -> EpochStats:
+    """One pass over this rank's share of the training set, and the LR schedule's step."""
+    state, ctx, runtime = run.state, run.ctx, run.runtime
+    run.objective.train()
+    # Summed on the device so that bookkeeping adds no host sync per step.
+    sums = torch.zeros(len(run.tasks), dtype=torch.float64, device=ctx.device)
+    seen = images = 0
+    skipped_before = state.guard.skipped
+    target = None
+    clock, loader_seconds = StepClock(ctx.device), 0.0
+    bar = tqdm(
+        _train_loader(run.train_set, run.config, runtime, ctx, epoch),
+        desc=f"epoch {epoch + 1}/{run.config.epochs}", disable=not run.progress, leave=False,
+    )
+    batches = iter(bar)
+    for step in itertools.count():
+        waited = time.perf_counter()
+        batch = next(batches, None)
+        loader_seconds += time.perf_counter() - waited
+        if batch is None:
             break
-        started = time.perf_counter()
-        objective.train()
-        sums = {n: 0.0 for n in names}
-        seen = 0
-        bar = tqdm(
-            _train_loader(train_set, config, ctx, epoch),
-            desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False,
-        )
-        skipped_before = guard.skipped
-        for step, batch in enumerate(bar):
-            batch = _to(batch, device)
+        index = batch["index"]
+        with clock:
+            batch = _to(batch, ctx.device, runtime)
             total, losses, finite = train_step(
-                objective, optimizer, scaler, batch, _autocast(config, device), ctx.all_reduce_sum
+                run.objective, state.optimizer, state.scaler, batch, runtime.autocast(), ctx.all_reduce_sum
             )
-            guard.update(finite, losses, _batch_name(train_set, batch, epoch, step))
-            if not finite:
-                continue
-            if controller is not None:
-                target = controller.update()
-            n = batch["image"].shape[0]
-            seen += n
-            for k, v in losses.items():
-                sums[k] += v.item() * n
-            bar.set_postfix(loss=f"{total.item():.3f}", lam=f"{optimizer.param_groups[0].get('lambda_', 0.0):.3g}")
-        scheduler.step()
-
-        val_losses, val_metrics = evaluate(model, val_loader, tasks, config, ctx)
-        sparsity = group_sparsity(model.backbone, config.grouping)
-        score = sum(val_losses.values())
-        eligible = selectable(config, epoch, controller)
-        if eligible and score < best["score"]:
-            best = {"score": score, "epoch": epoch, "bad_epochs": 0}
-            if ctx.is_main:
-                atomic_save({"model": model.state_dict(), "epoch": epoch}, run_dir / "best.pt")
-        elif eligible:
-            best["bad_epochs"] += 1
-        row = {
-            "epoch": epoch + 1,
-            "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": {k: v / max(seen, 1) for k, v in sums.items()},
-            "val_loss": val_losses,
-            "val": val_metrics,
-            "task_weight": weighting.weights(),
-            "group_sparsity": sparsity.group_sparsity,
-            "param_sparsity": sparsity.param_sparsity,
-            "nonfinite_groups": sparsity.nonfinite_groups,
-            "skipped_steps": guard.skipped - skipped_before,
-            "lambda_": optimizer.param_groups[0].get("lambda_", 0.0),
-            **({"target": target} if target is not None else {}),
-            "seconds": time.perf_counter() - started,
-        }
-        history.append(row)
-        if ctx.is_main:
-            _write_history(run_dir, history)
-            atomic_save(
-                {
-                    "model": model.state_dict(), "weighting": weighting.state_dict(),
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(), "rng": rng_state(), "epoch": epoch,
-                    "history": history, "best": best, "nonfinite": guard.state_dict(),
-                    "config": dataclasses.asdict(config),
-                    "controller": None if controller is None else controller.state_dict(),
-                },
-                run_dir / "last.pt",
-            )
-        ctx.barrier()
-        if progress:
-            line = summary_line(f"epoch {row['epoch']} val", row["val"], row["group_sparsity"])
-            tqdm.write(line if target is None else f"{line} | {target_summary(config, target)}")
-        epochs_run += 1
-        if stop_after is not None and epochs_run >= stop_after and epoch + 1 < config.epochs:
-            return None
-
-    return _finish(config, run_dir, model, tasks, ctx, history, root, common)
+            state.guard.update(finite, losses, "" if finite else _batch_name(run.train_set, index, epoch, step))
+            if finite and state.controller is not None:
+                target = state.controller.update()
+        n = len(index)
+        images += n
+        if not finite:
+            continue
+        seen += n
+        sums += torch.stack([losses[t.name] for t in run.tasks]).double() * n
+        if run.progress:
+            lam = state.optimizer.param_groups[0].get("lambda_", 0.0)
+            bar.set_postfix(loss=f"{total.item():.3f}", lam=f"{lam:.3g}")
+    state.scheduler.step()
+    return EpochStats(
+        train_loss={t.name: v / max(seen, 1) for t, v in zip(run.tasks, sums.tolist())},
+        skipped_steps=state.guard.skipped - skipped_before, images=images,
+        loader_seconds=loader_seconds, step_seconds=clock.seconds(), target=target,
+    )
 
 
-def _batch_name(dataset, batch: dict[str, Any], epoch: int, step: int) -> str:
+def select(run: Run, epoch: int, score: float) -> bool:
+    """Early stopping's record for ``epoch`` with validation ``score`` (lower is better); an
+    eligible new best is written to ``best.pt``. Returns whether it was one."""
+    if not selectable(run.config, epoch, run.state.controller):
+        return False
+    improved = run.state.early.update(score, epoch)
+    if improved and run.ctx.is_main:
+        atomic_save({"model": run.state.model.state_dict(), "epoch": epoch}, run.run_dir / "best.pt")
+    return improved
+
+
+def save_checkpoint(run: Run) -> None:
+    """Rank 0 writes the history and ``last.pt``; every rank waits for it."""
+    if run.ctx.is_main:
+        _write_history(run.run_dir, run.state.history)
+        run.state.save(run.run_dir / "last.pt", run.config)
+    run.ctx.barrier()
+
+
+#: History entries that depend on the machine's speed, not on the training: left out when two
+#: runs are compared for an exact resume.
+WALL_CLOCK_KEYS = ("images_per_s", "seconds")
+
+
+def run_epoch(run: Run) -> dict[str, Any]:
+    """Train, validate, select and checkpoint epoch ``run.state.epoch``; returns its history row.
+
+    The row's ``images_per_s`` holds this process's ``loader`` figure (items over the time spent
+    waiting for batches) and ``model`` figure (items over the time in steps): a loader figure
+    below the model's means the data loading starves the device.
+    """
+    state, config = run.state, run.config
+    epoch = state.epoch
+    started = time.perf_counter()
+    stats = train_one_epoch(run, epoch)
+    val_losses, val_metrics = evaluate(state.model, run.val_loader, run.tasks, run.runtime, run.ctx)
+    sparsity = group_sparsity(state.model.backbone, config.grouping)
+    score = sum(val_losses.values())
+    select(run, epoch, score)
+    row = {
+        "epoch": epoch + 1,
+        "lr": state.optimizer.param_groups[0]["lr"],
+        "train_loss": stats.train_loss,
+        "val_loss": val_losses,
+        "val": val_metrics,
+        "task_weight": state.weighting.weights(),
+        "group_sparsity": sparsity.group_sparsity,
+        "param_sparsity": sparsity.param_sparsity,
+        "nonfinite_groups": sparsity.nonfinite_groups,
+        "skipped_steps": stats.skipped_steps,
+        "lambda_": state.optimizer.param_groups[0].get("lambda_", 0.0),
+        **({"target": stats.target} if stats.target is not None else {}),
+        "images_per_s": {"loader": _rate(stats.images, stats.loader_seconds),
+                         "model": _rate(stats.images, stats.step_seconds)},
+        "seconds": time.perf_counter() - started,
+    }
+    state.history.append(row)
+    state.epoch = epoch + 1
+    save_checkpoint(run)
+    if run.progress:
+        parts = [summary_line(f"epoch {row['epoch']} val", row["val"], row["group_sparsity"])]
+        parts += [f"{k} {v:.1f} img/s" for k, v in row["images_per_s"].items() if v is not None]
+        if stats.target is not None:
+            parts.append(target_summary(config, stats.target))
+        tqdm.write(" | ".join(parts))
+    return row
+
+
+def _batch_name(dataset, index: Tensor, epoch: int, step: int) -> str:
     """``epoch 2, batch 5 (items 000012, 000031)``: the dataset's ids where it has them."""
-    indices = batch["index"].tolist()
+    indices = index.tolist()
     ids = getattr(dataset, "ids", None)
     items = ", ".join(str(ids[i]) if ids is not None else str(i) for i in indices)
     return f"epoch {epoch + 1}, batch {step + 1} (items {items})"
@@ -488,18 +643,17 @@ def target_summary(config: RunConfig, record: dict[str, Any]) -> str:
             f"| next λ {record['lambda_']:.3g}")
 
 
-def _finish(
-    config: RunConfig, run_dir: Path, model: MultiTaskModel, tasks: list[Task], ctx: DistContext,
-    history: list[dict[str, Any]], root: Path, common: dict[str, Any],
-) -> RunResult:
-    """Evaluate the selected model once on the test split, and record sparsity and latency."""
-    best_ckpt = load_checkpoint(run_dir / "best.pt")
+def finish_run(run: Run) -> RunResult:
+    """Evaluate the selected model (``best.pt``) once on the test split, and record sparsity,
+    latency and the resolved device settings."""
+    config, ctx, model = run.config, run.ctx, run.state.model
+    best_ckpt = load_checkpoint(run.run_dir / "best.pt")
     model.load_state_dict(best_ckpt["model"])
-    test_set = build_dataset(config.dataset, root, "test", **common)
+    test_set = build_dataset(config.dataset, run.root, "test", **_dataset_options(config, run.tasks))
     split = "test"
-    _, test_metrics = evaluate(model, _eval_loader(test_set, config, ctx), tasks, config, ctx)
+    _, test_metrics = evaluate(model, _eval_loader(test_set, config, run.runtime, ctx), run.tasks, run.runtime, ctx)
     sparsity = group_sparsity(model.backbone, config.grouping).to_dict()
-    result = RunResult(run_dir, best_ckpt["epoch"] + 1, split, test_metrics, sparsity, history)
+    result = RunResult(run.run_dir, best_ckpt["epoch"] + 1, split, test_metrics, sparsity, run.state.history)
     if not ctx.is_main:
         return result
     timing = {
@@ -519,11 +673,12 @@ def _finish(
         "mac_fraction": MacFraction(model.backbone, torch.zeros(1, 3, config.image_size, config.image_size, device=ctx.device))(),
         "lambda_": config.lambda_,
         "seed": config.seed,
-        "tasks": [t.name for t in tasks],
+        "tasks": [t.name for t in run.tasks],
+        "runtime": run.runtime.to_dict(),
     }
-    atomic_write_text(json.dumps(sparsity, indent=2), run_dir / "sparsity.json")
-    atomic_write_text(json.dumps(timing, indent=2), run_dir / "timing.json")
-    atomic_write_text(json.dumps(results, indent=2), run_dir / "results.json")
+    atomic_write_text(json.dumps(sparsity, indent=2), run.run_dir / "sparsity.json")
+    atomic_write_text(json.dumps(timing, indent=2), run.run_dir / "timing.json")
+    atomic_write_text(json.dumps(results, indent=2), run.run_dir / "results.json")
     return result
 
 

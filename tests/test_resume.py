@@ -8,14 +8,14 @@ from lomt_train.checkpoint import atomic_save, load_checkpoint
 from lomt_train.cli import main
 from lomt_train.trainer import run_dir_for, train
 
-from test_trainer import _config
+from test_trainer import _config, train_epochs
 
 
 @pytest.fixture
 def stopped(tmp_path):
     """A run stopped after its first of two epochs."""
     config = _config(tmp_path, dataset="nyu", tasks=["seg"], epochs=2)
-    assert train(config, progress=False, stop_after=1) is None
+    train_epochs(config, 1)
     return config
 
 
@@ -28,7 +28,7 @@ def test_other_options_are_refused_naming_each_key(stopped):
 def test_paths_are_compared_resolved(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = _config(tmp_path, dataset="nyu", tasks=["seg"], epochs=2, out="relrun")
-    train(config, progress=False, stop_after=1)
+    train_epochs(config, 1)
     result = train(dataclasses.replace(config, out="./relrun"), progress=False, resume=True)
     assert [row["epoch"] for row in result.history] == [1, 2]
 

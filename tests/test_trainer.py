@@ -9,7 +9,7 @@ from lomt_train.checkpoint import load_checkpoint
 from lomt_train.cli import main
 from lomt_train.config import RunConfig
 from lomt_train.tasks import get_task
-from lomt_train.trainer import run_dir_for, train
+from lomt_train.trainer import WALL_CLOCK_KEYS, open_run, run_dir_for, run_epoch, train
 
 TINY = dict(
     synthetic=True, backend="torch", backbone="small", aspp_channels=8, image_size=32, batch_size=4,
@@ -25,6 +25,18 @@ def _data_cache(tmp_path, monkeypatch):
 def _config(tmp_path, **overrides) -> RunConfig:
     values = {**TINY, "out": str(tmp_path / "runs"), **overrides}
     return RunConfig(**values)
+
+
+def train_epochs(config: RunConfig, epochs: int, **kwargs) -> None:
+    """Train ``epochs`` epochs of ``config`` and stop, as an interrupted run leaves its folder."""
+    with open_run(config, progress=False, **kwargs) as run:
+        for _ in range(epochs):
+            run_epoch(run)
+
+
+def without_wall_clock(history: list[dict]) -> list[dict]:
+    """History rows without the entries that depend on the machine's speed."""
+    return [{k: v for k, v in row.items() if k not in WALL_CLOCK_KEYS} for row in history]
 
 
 @pytest.mark.parametrize(
@@ -49,6 +61,13 @@ def test_run_writes_a_complete_folder(tmp_path, dataset, tasks):
     assert results["group_sparsity"] > 0
     timing = json.loads((run / "timing.json").read_text())
     assert timing["backbone"][0]["median_ms"] > 0 and timing["model"][0]["batch_size"] == 1
+    # The device settings that ran (all auto on the CPU: full precision, no workers) and the
+    # loader and model throughput of every epoch, in the history and its CSV.
+    assert results["runtime"] == {"device_type": "cpu", "workers": 0, "pin_memory": False, "amp_dtype": None,
+                                  "channels_last": False}
+    assert all(row["images_per_s"]["loader"] > 0 and row["images_per_s"]["model"] > 0 for row in history)
+    header = (run / "history.csv").read_text().splitlines()[0].split(",")
+    assert {"images_per_s/loader", "images_per_s/model"} <= set(header)
 
 
 @pytest.mark.parametrize("dataset, tasks", [("nyu", ["depth"]), ("celeba", ["male"])])
@@ -70,17 +89,37 @@ def test_resume_ends_exactly_as_an_uninterrupted_run(tmp_path):
     straight = _config(tmp_path / "a", dataset="nyu", tasks=["seg", "depth"], lambda_=0.05, epochs=3, augment=True)
     interrupted = _config(tmp_path / "b", dataset="nyu", tasks=["seg", "depth"], lambda_=0.05, epochs=3, augment=True)
     train(straight, progress=False)
-    assert train(interrupted, progress=False, stop_after=1) is None
+    train_epochs(interrupted, 1)
     assert len(json.loads((run_dir_for(interrupted) / "history.json").read_text())) == 1
     train(interrupted, progress=False, resume=True)
 
     a, b = (load_checkpoint(run_dir_for(c) / "last.pt") for c in (straight, interrupted))
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
-    strip = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]  # noqa: E731
-    assert strip(a["history"]) == strip(b["history"])
+    assert without_wall_clock(a["history"]) == without_wall_clock(b["history"])
     results = [json.loads((run_dir_for(c) / "results.json").read_text()) for c in (straight, interrupted)]
     assert results[0]["test"] == results[1]["test"]
+
+
+@pytest.mark.slow
+def test_gpu_style_settings_run_and_resume_exactly_on_the_cpu(tmp_path):
+    """Loader workers, bf16 autocast and channels_last (CUDA's auto settings, asked for here on
+    the CPU): the run trains, records them, and still resumes bit for bit, since the workers'
+    seeds derive from (seed, epoch)."""
+    options = dict(dataset="nyu", tasks=["seg", "depth"], lambda_=0.05, augment=True, workers=1, amp=True,
+                   channels_last=True)
+    straight, interrupted = _config(tmp_path / "a", **options), _config(tmp_path / "b", **options)
+    result = train(straight, progress=False)
+    train_epochs(interrupted, 1)
+    train(interrupted, progress=False, resume=True)
+    a, b = (load_checkpoint(run_dir_for(c) / "last.pt") for c in (straight, interrupted))
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert without_wall_clock(a["history"]) == without_wall_clock(b["history"])
+    runtime = json.loads((result.run_dir / "results.json").read_text())["runtime"]
+    assert runtime == {"device_type": "cpu", "workers": 1, "pin_memory": False, "amp_dtype": "bfloat16",
+                       "channels_last": True}
+    assert all(torch.isfinite(v).all() for v in a["model"].values() if v.is_floating_point())
 
 
 def test_an_existing_run_is_not_overwritten(tmp_path):
