@@ -40,9 +40,11 @@ from .locking import LockedError, hold_lock
 from .losses import build_weighting
 from .models import MultiTaskModel, build_model
 from .nonfinite import NonFiniteGuard, all_finite
+from . import run_identity
 from .resume import check_resume
+from .selection import selection_score
 from .pat import check_peer, pat_optimizer
-from .targets import WARMUP_EPOCHS, build_controller, check_target, healing_epochs, selectable, target_label
+from .targets import WARMUP_EPOCHS, build_controller, check_target, healing_epochs, selectable
 from .tasks import Task, get_task, resolve_tasks
 from .timing import measure_latency
 
@@ -70,11 +72,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def run_dir_for(config: RunConfig) -> Path:
-    """``<out>/<dataset>-<tasks>/<prox>-lambda<lambda_>/seed<seed>``; a target run's folder is
-    ``<prox>-sparsity<P>`` or ``<prox>-macs<F>`` instead of ``<prox>-lambda<lambda_>``."""
-    tasks = "+".join(config.tasks)
-    setting = target_label(config) or f"lambda{config.lambda_:g}"
-    return Path(config.out) / f"{config.dataset}-{tasks}" / f"{config.peer or config.prox}-{setting}" / f"seed{config.seed}"
+    """The run's folder: :func:`lomt_train.run_identity.run_dir_for` (the rule is defined there)."""
+    return run_identity.run_dir_for(config)
 
 
 def validate(config: RunConfig) -> list[Task]:
@@ -415,7 +414,7 @@ def _train(
 
         val_losses, val_metrics = evaluate(model, val_loader, tasks, config, ctx)
         sparsity = group_sparsity(model.backbone, config.grouping)
-        score = sum(val_losses.values())
+        score = selection_score(config, val_losses, val_metrics)
         eligible = selectable(config, epoch, controller)
         if eligible and score < best["score"]:
             best = {"score": score, "epoch": epoch, "bad_epochs": 0}
