@@ -6,7 +6,7 @@
     lomt_train report runs/nyu-seg+normal+depth --out reports/nyu
     lomt_train lomt-probe nyu --tasks seg,normal,depth --synthetic --seeds 0 1 --out runs/probe
     lomt_train nyu --tasks seg,normal,depth --synthetic --lomt runs/probe/profile.json
-    lomt_train compact runs/nyu-seg+normal+depth/group_weighted-lambda0.01/seed0
+    lomt_train compact runs/nyu-seg+normal+depth/group_weighted-lambda0.01-<hash>/seed0
 """
 
 from __future__ import annotations
@@ -20,9 +20,12 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import PAPER_BATCH_SIZE, PAPER_PRESET, PAPER_SEEDS, SYNTHETIC_PRESET, RunConfig
+from .config import (
+    PAPER_BATCH_SIZE, PAPER_LAMBDAS, PAPER_PATIENCE, PAPER_PRESET, PAPER_SEEDS, SYNTHETIC_PRESET, RunConfig,
+)
 from .data import DATASET_NAMES, default_data_root
 from .lomt import USED_THRESHOLD
+from .selection import CRITERIA, check_criterion
 from .tasks import resolve_tasks
 from .trainer import run_dir_for, run_sweep, summary_line, validate
 
@@ -44,7 +47,10 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--data", help="dataset folder in its official layout")
     src.add_argument("--synthetic", action="store_true", help="use the built-in synthetic data (generated on first use)")
     p.add_argument("--layout", choices=["nyud_mt", "mtan"], help="NYU-v2 layout (detected when omitted)")
-    p.add_argument("--paper", action="store_true", help="the papers' protocol: lr 1e-4, 256x256, batch 16/32, 5 seeds, ResNet-50")
+    p.add_argument("--paper", action="store_true",
+                   help="the papers' protocol: lr 1e-4, 256x256, batch 16/32, ResNet-50, no augmentation, up to 1000 "
+                        "epochs with early stopping on the validation loss (patience 25 NYU / 10 CelebA), 5 seeds, "
+                        "and the published λ values unless --lambda is given (README: the --paper table)")
     p.add_argument("--lambda", dest="lambdas", type=float, nargs="+", help="sparsity strength(s); several = a sweep")
     p.add_argument("--target-sparsity", type=float, metavar="P",
                    help="learn λ during training so that P%% of the backbone's channel groups end at zero (--lambda: start)")
@@ -64,6 +70,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-schedule", choices=["cosine", "step", "none"])
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--patience", type=int, help="early stopping: epochs without validation improvement (0 = off)")
+    p.add_argument("--criterion", choices=sorted(CRITERIA),
+                   help="validation score that selects the tested epoch and drives early stopping (default val_loss)")
     p.add_argument("--image-size", type=int)
     p.add_argument("--augment", action="store_true", default=None, help="random scale-crop and flip")
     p.add_argument("--backbone", choices=["resnet50", "resnet101", "small"])
@@ -100,8 +108,8 @@ def config_from_args(dataset: str, args: argparse.Namespace) -> tuple[RunConfig,
     """The base config, the lambda_ values and the seeds a training command asks for.
 
     Precedence: defaults, then the synthetic preset (with ``--synthetic``), then the papers'
-    preset (with ``--paper``), then explicit flags. Without ``--data`` or ``--synthetic`` the
-    data is ``$LOMT_DATA/<dataset>``.
+    preset (with ``--paper``: its λ values too), then explicit flags. Without ``--data`` or
+    ``--synthetic`` the data is ``$LOMT_DATA/<dataset>``.
     """
     # Canonical task names, so that `normals` and `normal` name the same run folder.
     values: dict[str, Any] = {"dataset": dataset, "tasks": [t.name for t in resolve_tasks(args.tasks, dataset)]}
@@ -115,7 +123,8 @@ def config_from_args(dataset: str, args: argparse.Namespace) -> tuple[RunConfig,
     elif args.data is None:
         values["data"] = str(default_data_root(dataset))
     if args.paper:
-        values.update(PAPER_PRESET, batch_size=PAPER_BATCH_SIZE[dataset])
+        values.update(PAPER_PRESET, batch_size=PAPER_BATCH_SIZE[dataset], patience=PAPER_PATIENCE[dataset])
+        lambdas = list(PAPER_LAMBDAS[dataset])
         seeds = list(PAPER_SEEDS)
     explicit = {k: v for k, v in vars(args).items() if v is not None and k in _CONFIG_FLAGS}
     values.update(explicit)
@@ -136,16 +145,21 @@ def config_from_args(dataset: str, args: argparse.Namespace) -> tuple[RunConfig,
 
 def dry_run(config: RunConfig, lambdas: Sequence[float], seeds: Sequence[int]) -> str:
     """What a command would run, as JSON: the resolved configuration (its ``lambda_`` and ``seed``
-    are the first of ``lambdas`` and ``seeds``), every λ and seed, and the run folders. Each run's
-    configuration is checked as training would check it; nothing is written."""
+    are the first of ``lambdas`` and ``seeds``), early stopping in words (``enabled``, ``patience``,
+    ``criterion``, ``max_epochs``), every λ and seed, and the run folders. Each run's configuration
+    is checked as training would check it; nothing is written."""
     runs = []
     for lambda_ in lambdas:
         for seed in seeds:
             run = dataclasses.replace(config, lambda_=lambda_, seed=seed)
             validate(run)
+            check_criterion(run)
             runs.append(str(run_dir_for(run)))
     resolved = dataclasses.asdict(dataclasses.replace(config, lambda_=lambdas[0], seed=seeds[0]))
-    return json.dumps({"config": resolved, "lambdas": list(lambdas), "seeds": list(seeds), "runs": runs}, indent=2)
+    stopping = {"enabled": config.patience > 0, "patience": config.patience, "criterion": config.criterion,
+                "max_epochs": config.epochs}
+    return json.dumps({"config": resolved, "early_stopping": stopping, "lambdas": list(lambdas), "seeds": list(seeds),
+                       "runs": runs}, indent=2)
 
 
 def build_parser() -> argparse.ArgumentParser:

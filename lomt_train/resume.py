@@ -12,6 +12,7 @@ from typing import Any
 
 from .checkpoint import load_checkpoint
 from .config import RunConfig
+from .run_identity import check_legacy
 
 
 def _check_same(config: RunConfig, saved: RunConfig, where: Path) -> None:
@@ -29,8 +30,10 @@ def check_resume(config: RunConfig, run_dir: Path, *, resume: bool) -> dict[str,
 
     Returns the contents of ``last.pt`` to resume from, or ``None`` to start afresh. Raises when
     the folder holds a run and ``resume`` is false, when ``resume`` asks for options other than
-    the saved ones (naming each differing key), and when the saved options are unknown.
+    the saved ones (naming each differing key), when the saved options are unknown, and when the
+    run sits in a folder of the layout before run identities (naming the move that adopts it).
     """
+    check_legacy(config, run_dir)
     last, config_file = run_dir / "last.pt", run_dir / "config.json"
     if not resume:
         if last.exists():

@@ -44,11 +44,13 @@ from .locking import LockedError, hold_lock
 from .losses import build_weighting
 from .models import MultiTaskModel, build_model
 from .nonfinite import NonFiniteGuard, all_finite
+from . import run_identity
 from .pat import check_peer, pat_optimizer
 from .resume import check_resume
 from .run_state import RunState, check_layout
 from .runtime import Runtime, runtime_for
-from .targets import WARMUP_EPOCHS, build_controller, check_target, healing_epochs, selectable, target_label
+from .selection import check_criterion, selection_score
+from .targets import WARMUP_EPOCHS, build_controller, check_target, healing_epochs, selectable
 from .tasks import Task, get_task, resolve_tasks
 from .timing import measure_latency
 
@@ -76,11 +78,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def run_dir_for(config: RunConfig) -> Path:
-    """``<out>/<dataset>-<tasks>/<prox>-lambda<lambda_>/seed<seed>``; a target run's folder is
-    ``<prox>-sparsity<P>`` or ``<prox>-macs<F>`` instead of ``<prox>-lambda<lambda_>``."""
-    tasks = "+".join(config.tasks)
-    setting = target_label(config) or f"lambda{config.lambda_:g}"
-    return Path(config.out) / f"{config.dataset}-{tasks}" / f"{config.peer or config.prox}-{setting}" / f"seed{config.seed}"
+    """The run's folder: :func:`lomt_train.run_identity.run_dir_for` (the rule is defined there)."""
+    return run_identity.run_dir_for(config)
 
 
 def validate(config: RunConfig) -> list[Task]:
@@ -111,6 +110,7 @@ def validate(config: RunConfig) -> list[Task]:
     build_weighting(config.weighting, config.tasks)
     check_target(config)
     check_peer(config)
+    check_criterion(config)
     return resolve_tasks(config.tasks, config.dataset, depth_loss=config.depth_loss)
 
 
@@ -587,7 +587,7 @@ def run_epoch(run: Run) -> dict[str, Any]:
     stats = train_one_epoch(run, epoch)
     val_losses, val_metrics = evaluate(state.model, run.val_loader, run.tasks, run.runtime, run.ctx)
     sparsity = group_sparsity(state.model.backbone, config.grouping)
-    score = sum(val_losses.values())
+    score = selection_score(config, val_losses, val_metrics)
     select(run, epoch, score)
     row = {
         "epoch": epoch + 1,

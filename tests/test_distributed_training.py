@@ -4,6 +4,7 @@ import os
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from lomt_kernels import FusedGroupProxAdam, prox_param_groups
+from lomt_train.cli import main
 from lomt_train.losses import build_weighting
 from lomt_train.models import build_model
 from lomt_train.tasks import resolve_tasks
@@ -118,16 +120,17 @@ def test_torchrun_trains_writes_from_rank_0_and_resumes(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_into_a_locked_run_folder_stops_every_rank(tmp_path):
+def test_torchrun_into_a_locked_run_folder_stops_every_rank(tmp_path, capsys):
     out = tmp_path / "runs"
-    run = out / "nyu-seg" / "group_weighted-lambda0.01" / "seed0"
+    argv = [
+        "nyu", "--tasks", "seg", "--synthetic", "--backend", "torch", "--image-size", "32", "--batch-size", "2",
+        "--epochs", "1", "--aspp-channels", "8", "--synthetic-images", "8", "--device", "cpu", "--no-progress",
+        "--out", str(out),
+    ]
+    assert main([*argv, "--dry-run"]) == 0
+    (run,) = map(Path, json.loads(capsys.readouterr().out)["runs"])
     with held_by_another_process(run / ".lock") as holder:
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lomt_train",
-            "nyu", "--tasks", "seg", "--synthetic", "--backend", "torch", "--image-size", "32", "--batch-size", "2",
-            "--epochs", "1", "--aspp-channels", "8", "--synthetic-images", "8", "--device", "cpu", "--no-progress",
-            "--out", str(out),
-        ]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lomt_train", *argv]
         env = {**os.environ, "LOMT_DATA_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0

@@ -20,9 +20,21 @@ def stopped(tmp_path):
 
 
 def test_other_options_are_refused_naming_each_key(stopped):
-    changed = dataclasses.replace(stopped, lr=0.1, epochs=30)
-    with pytest.raises(ValueError, match=r"differ from .*config\.json: epochs 30 \(saved 2\), lr 0\.1 \(saved 0\.002\)"):
+    # Options outside the run's identity (run_identity.NOT_IDENTITY) lead to the same folder.
+    changed = dataclasses.replace(stopped, workers=1, timing_repeats=3)
+    assert run_dir_for(changed) == run_dir_for(stopped)
+    with pytest.raises(ValueError, match=r"differ from .*config\.json: workers 1 \(saved 0\), timing_repeats 3 \(saved 1\)"):
         train(changed, progress=False, resume=True)
+
+
+def test_an_option_of_the_identity_resumes_nothing_of_another_run(stopped):
+    # More epochs (or any identity option) is another experiment: its own folder, the stopped run untouched.
+    longer = dataclasses.replace(stopped, epochs=3)
+    assert run_dir_for(longer) != run_dir_for(stopped)
+    before = (run_dir_for(stopped) / "last.pt").read_bytes()
+    result = train(longer, progress=False, resume=True)
+    assert [row["epoch"] for row in result.history] == [1, 2, 3]
+    assert (run_dir_for(stopped) / "last.pt").read_bytes() == before
 
 
 def test_paths_are_compared_resolved(tmp_path, monkeypatch):
@@ -36,8 +48,8 @@ def test_paths_are_compared_resolved(tmp_path, monkeypatch):
 def test_without_config_json_the_checkpoint_holds_the_options(stopped):
     run = run_dir_for(stopped)
     (run / "config.json").unlink()
-    with pytest.raises(ValueError, match=r"differ from .*last\.pt: lr 0\.1 \(saved 0\.002\)"):
-        train(dataclasses.replace(stopped, lr=0.1), progress=False, resume=True)
+    with pytest.raises(ValueError, match=r"differ from .*last\.pt: timing_repeats 3 \(saved 1\)"):
+        train(dataclasses.replace(stopped, timing_repeats=3), progress=False, resume=True)
     ckpt = load_checkpoint(run / "last.pt")
     del ckpt["config"]  # as a checkpoint that records no options
     atomic_save(ckpt, run / "last.pt")
@@ -68,6 +80,6 @@ def test_a_finished_run_says_so_and_still_checks_the_options(tmp_path, capsys):
     capsys.readouterr()
     assert main([*flags, "--resume"]) == 0
     assert f"{results.parent} is finished (results.json): nothing to resume" in capsys.readouterr().out
-    assert main([*flags, "--resume", "--epochs", "30", "--lr", "0.1"]) == 2
-    assert "epochs 30 (saved 1), lr 0.1 (saved 0.002)" in capsys.readouterr().err
+    assert main([*flags, "--resume", "--workers", "1", "--max-nonfinite-steps", "9"]) == 2
+    assert "workers 1 (saved 0), max_nonfinite_steps 9 (saved 5)" in capsys.readouterr().err
     assert results.read_bytes() == before

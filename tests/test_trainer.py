@@ -175,7 +175,8 @@ def test_cli_sweep_and_report(tmp_path):
     assert main(["report", str(out), "--out", str(report)]) == 0
     table = (report / "table.md").read_text()
     assert "smiling/accuracy" in table and "± " in table
-    assert len(list(report.glob("*.png"))) == 2
+    assert sorted(p.name for p in report.glob("*.png")) == [
+        "channels_celeba-seg+smiling.png", "lambda_celeba-seg+smiling.png", "lambda_sparsity.png"]
     csv_lines = (report / "table.csv").read_text().splitlines()
     assert len(csv_lines) == 3  # header + two lambda_ values
 
