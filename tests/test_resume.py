@@ -23,7 +23,7 @@ def test_other_options_are_refused_naming_each_key(stopped):
     # Options outside the run's identity (run_identity.NOT_IDENTITY) lead to the same folder.
     changed = dataclasses.replace(stopped, workers=1, timing_repeats=3)
     assert run_dir_for(changed) == run_dir_for(stopped)
-    with pytest.raises(ValueError, match=r"differ from .*config\.json: workers 1 \(saved 0\), timing_repeats 3 \(saved 1\)"):
+    with pytest.raises(ValueError, match=r"differ from .*config\.json: workers 1 \(saved None\), timing_repeats 3 \(saved 1\)"):
         train(changed, progress=False, resume=True)
 
 
@@ -81,5 +81,5 @@ def test_a_finished_run_says_so_and_still_checks_the_options(tmp_path, capsys):
     assert main([*flags, "--resume"]) == 0
     assert f"{results.parent} is finished (results.json): nothing to resume" in capsys.readouterr().out
     assert main([*flags, "--resume", "--workers", "1", "--max-nonfinite-steps", "9"]) == 2
-    assert "workers 1 (saved 0), max_nonfinite_steps 9 (saved 5)" in capsys.readouterr().err
+    assert "workers 1 (saved None), max_nonfinite_steps 9 (saved 5)" in capsys.readouterr().err
     assert results.read_bytes() == before
