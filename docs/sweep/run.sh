@@ -3,7 +3,7 @@
 #
 #   docs/sweep/run.sh [RUNS]       # from anywhere; RUNS (default: runs/sweep) is relative to the repository root
 #
-# lambda in {0, 1e-3, 1e-2, 1e-1} x seeds {0, 1, 2} x (the multi-task model seg,normal,depth and each
+# lambda in {0, 3e-3, 1e-2, 1e-1} x seeds {0, 1, 2} x (the multi-task model seg,normal,depth and each
 # task alone): 48 runs. Training is the synthetic preset's (small backbone, batch 16, Adam at 2e-3,
 # cosine schedule, uncertainty weighting, weighted group prox) made smaller so that the sweep fits
 # a two-core machine: 48x48 images, 48 training images, 8 epochs (the preset: 64x64, 96, 8).
@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS="${1:-runs/sweep}"
-LAMBDAS=(0 1e-3 1e-2 1e-1)
+LAMBDAS=(0 3e-3 1e-2 1e-1)
 SEEDS=(0 1 2)
 SMALLER=(--image-size 48 --synthetic-images 48 --epochs 8)
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
