@@ -8,7 +8,10 @@ with weight ``[C_out, C_in, k, k]`` a run's ``sparsity.json`` gives the active f
 
 the share of input channels the conv still reads. As in the LOMT paper, conv ``l`` is **used**
 by task ``t`` when ``a_t(l) > tau`` in every seed, with tau = 1% by default
-(:data:`USED_THRESHOLD`; ``lomt-probe --threshold``, recorded in ``profile.json``).
+(:data:`USED_THRESHOLD`; ``lomt-probe --threshold``, recorded in ``profile.json``). Short
+probes thin convs without emptying them, so that at 1% every conv reads as used; a larger tau
+(the README's probe on the synthetic data uses 0.25) counts a conv that keeps at most that share
+of its inputs in some seed as unused.
 
 The probe needs sparsity: every task's λ must be > 0 and the prox on. At λ = 0 no group is
 driven to zero, every ``a_t(l)`` is 1, every conv reads as used and every task attaches at
