@@ -8,19 +8,27 @@ with weight ``[C_out, C_in, k, k]`` a run's ``sparsity.json`` gives the active f
 
 the share of input channels the conv still reads. As in the LOMT paper, conv ``l`` is **used**
 by task ``t`` when ``a_t(l) > tau`` in every seed, with tau = 1% by default
-(:data:`USED_THRESHOLD`; ``lomt-probe --threshold``, recorded in ``profile.json``).
+(:data:`USED_THRESHOLD`; ``lomt-probe --threshold``, recorded in ``profile.json``). Short
+probes thin convs without emptying them, so that at 1% every conv reads as used; a larger tau
+(the README's probe on the synthetic data uses 0.25) counts a conv that keeps at most that share
+of its inputs in some seed as unused.
 
 The probe needs sparsity: every task's λ must be > 0 and the prox on. At λ = 0 no group is
 driven to zero, every ``a_t(l)`` is 1, every conv reads as used and every task attaches at
 the last stage, so :func:`probe` refuses it before any training.
 
 **Attachment rule** (:func:`choose_attachment`): task ``t`` attaches at the output of the
-deepest residual block (``layerS.B``) that contains a conv used by ``t``; the node is named
-``layerS`` when that block is its stage's last, else ``layerS.B`` (both valid
-``create_feature_extractor`` nodes: the block's output after its final ReLU). Every conv after
-that point is unused by ``t`` (at most tau of its inputs active in some seed), so the task's
-path stops there. A task that uses no block attaches at the stem output (``"maxpool"``).
-Manual attachments (``config.attach``, i.e. ``--attach seg=layer3.3.conv1``) override the rule.
+deepest residual block (``layerS.B``) whose residual branch (``conv1``, ``conv2``[, ``conv3``])
+holds a conv used by ``t``; the node is named ``layerS`` when that block is its stage's last,
+else ``layerS.B`` (both valid ``create_feature_extractor`` nodes: the block's output after its
+final ReLU). A stage's first block also has a shortcut projection (``downsample``: a strided or
+channel-changing 1x1 conv), which carries the features on to the heads of a single-task probe
+whatever the task needs, so it is used by every task that learns anything; it does not count:
+a block whose branch is unused adds nothing but that pointwise re-mapping of its input, which
+the task's head, reading the input itself, can learn. Every branch conv after the attachment
+point is unused by ``t`` (at most tau of its inputs active in some seed), so the task's path
+stops there. A task that uses no block attaches at the stem output (``"maxpool"``). Manual
+attachments (``config.attach``, i.e. ``--attach seg=layer3.3.conv1``) override the rule.
 
 :func:`write_profile` saves ``profile.json`` (read by ``lomt_train nyu --lomt profile.json``)
 and the heatmap ``lomt_profile.png``.
@@ -49,11 +57,13 @@ def rule(threshold: float = USED_THRESHOLD) -> str:
     """The attachment rule in words, as ``profile.json`` records it."""
     return (
         f"a conv is used by a task when more than {threshold:g} of its input-channel groups are active "
-        "in every seed; the task attaches at the output of the deepest residual block containing a conv it "
-        f"uses (the stage name when that block is the stage's last; '{STEM_NODE}' when it uses none)"
+        "in every seed; the task attaches at the output of the deepest residual block whose residual branch "
+        "holds a conv it uses (shortcut projections do not count; the stage name when that block is the "
+        f"stage's last; '{STEM_NODE}' when it uses none)"
     )
 
 _BLOCK = re.compile(r"^(layer\d+)\.(\d+)\.")
+_SHORTCUT = ".downsample."
 
 
 def block_of(layer: str) -> tuple[str, int] | None:
@@ -89,7 +99,8 @@ def choose_attachment(used: Mapping[str, bool]) -> str:
     for layer, is_used in used.items():
         block = block_of(layer)
         # Stage names compare as strings ("layer1" < "layer4"); ResNets have at most 4 stages.
-        if is_used and block is not None and (deepest is None or block > deepest):
+        on_branch = _SHORTCUT not in layer
+        if is_used and on_branch and block is not None and (deepest is None or block > deepest):
             deepest = block
     if deepest is None:
         return STEM_NODE

@@ -21,7 +21,7 @@ from lomt_train.config import RunConfig
 from lomt_train.data.cache import MARKER_NAME
 from lomt_train.trainer import dataset_root
 from lomt_train.data.synthetic_celeba import draw_face
-from lomt_train.data.synthetic_nyu import label_edges, render_room
+from lomt_train.data.synthetic_nyu import KINDS, LIGHT, WALL, label_edges, render_room
 
 
 def _read(path: Path) -> tuple[np.ndarray, str, str]:
@@ -124,6 +124,47 @@ def test_nyu_geometry_is_consistent():
     v, u = np.mgrid[0:48, 0:64] + 0.5
     rays = np.stack([(u - 32) / 51.2, (v - 24) / 51.2, np.ones_like(u)], -1)
     assert ((view.normal * rays).sum(-1) <= 1e-6).all()
+
+
+@pytest.fixture(scope="module")
+def rooms():
+    """Forty rendered rooms: enough for correlations across scenes to be clear of chance (about 0.16)."""
+    return [render_room(np.random.default_rng([3, i]), (48, 64)) for i in range(40)]
+
+
+def test_nyu_segmentation_is_readable_from_a_pixels_colour(rooms):
+    # Nearest kind by chromaticity (colour over its sum), pixel by pixel: no context at all.
+    colours = np.array([k.colour for k in KINDS])
+    chroma = colours / colours.sum(1, keepdims=True)
+    for view in rooms:
+        labelled = view.kind >= 0
+        pixels = view.image[labelled].astype(float)
+        pixel_chroma = pixels / pixels.sum(1, keepdims=True).clip(1)
+        nearest = np.argmin(((pixel_chroma[:, None] - chroma) ** 2).sum(-1), 1)
+        assert (nearest == view.kind[labelled]).mean() > 0.85
+
+
+def test_nyu_normals_are_readable_from_a_pixels_shading(rooms):
+    # A pixel's brightness over its kind's colour is the shading 0.5 + 0.45 n.light, up to texture and noise.
+    ratio, shading = [], []
+    for view in rooms:
+        valid = (view.kind >= 0) & (view.depth > 0)
+        colours = np.array([k.colour for k in KINDS])[view.kind[valid]]
+        ratio.append(view.image[valid].astype(float).sum(1) / (255 * colours.sum(1)))
+        shading.append(view.normal[valid] @ LIGHT)
+    assert np.corrcoef(np.concatenate(ratio), np.concatenate(shading))[0, 1] > 0.95
+
+
+def test_nyu_depth_follows_the_rooms_layout_not_the_local_look(rooms):
+    # The back wall: its depth against its height in the image (global layout) and against its look (local).
+    height, depth, brightness = [], [], []
+    for view in rooms:
+        back = (view.kind == KINDS.index(WALL)) & (view.normal[..., 2] < -0.95) & (view.depth > 0)
+        height.append(back.sum(0).max())
+        depth.append(np.median(view.depth[back]))
+        brightness.append(view.image[back].mean())
+    assert np.corrcoef(np.log(height), np.log(depth))[0, 1] < -0.85
+    assert abs(np.corrcoef(brightness, depth)[0, 1]) < 0.4
 
 
 def test_label_edges():

@@ -42,7 +42,9 @@ def _used_through(last: str) -> dict[str, bool]:
         (_used_through("layer3.0.conv1"), "layer3.0"),  # part of a block counts for the block
         (_used_through("layer3.1.conv1"), "layer3"),  # a stage's last block is named by the stage
         (_used_through("conv1"), "maxpool"),  # only the stem
-        ({**_used_through("layer1.1.conv2"), "layer2.0.downsample.0": True}, "layer2.0"),
+        # a shortcut projection alone does not make its block used: the head can read the block's input
+        ({**_used_through("layer1.1.conv2"), "layer2.0.downsample.0": True}, "layer1"),
+        ({**_used_through("layer2.0.conv1"), "layer3.0.downsample.0": True, "layer4.0.downsample.0": True}, "layer2.0"),
         # a deep used conv after unused ones still decides: the head must see what it computes
         ({**_used_through("layer2.0.conv1"), "layer4.0.conv2": True}, "layer4.0"),
     ],

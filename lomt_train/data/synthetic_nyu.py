@@ -5,8 +5,21 @@ Each image is a room (floor, ceiling, back and side walls) with a few pieces of 
 windows, televisions), seen through a pinhole camera with a random height, yaw and pitch.
 Every pixel's ray is intersected with the planes and boxes in numpy, so depth (z in the camera
 frame, metres), surface normals (camera frame: x right, y down, z forward; pointing towards the
-camera) and labels all come from the same geometry. The image is a Lambertian shading of
-per-class colours with a positional texture and pixel noise, so every task is learnable from it.
+camera) and labels all come from the same geometry.
+
+The rendering is built so that the three tasks need features of different depth in a network,
+which is what LOMT's probe (:mod:`lomt_train.lomt`) is meant to find:
+
+* **segmentation is local**: every kind of surface has its own hue (:data:`KINDS`, jittered by a
+  few percent per scene) and its own fine stripe texture, so a pixel's class is readable from a
+  small patch;
+* **normals are local shading**: one light from a fixed direction (jittered slightly per scene)
+  with a wrapped Lambertian term, so each orientation of surface has its own brightness;
+  brightness over the surface's hue gives the normal from the same small patch;
+* **depth is global layout**: nothing in a patch tells its distance (no fall-off with distance,
+  the texture is drawn in image space so its scale does not shrink with depth, and room sizes,
+  camera height and pitch vary widely); a pixel's depth follows from where it lies relative to
+  the room's corners, the horizon and the floor line of the furniture, i.e. from the whole image.
 
 As in the real data, some pixels are void (label 0 in the PNG) and some have no depth (0) and
 so no normal (0): the window panes, where a Kinect sees through the glass, and a random blob.
@@ -25,14 +38,16 @@ from ..atomic import atomic_write_bytes
 from .files import encode_image
 from .transforms import as_size
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 # Everything either layout writes, cleared before regenerating.
 GENERATED = ("images", "segmentation", "depth", "normals", "edge", "gt_sets", "train", "val")
 
 
 @dataclass(frozen=True)
 class _Kind:
-    """A kind of surface: its NYU-40 and NYU-13 class names and its base colour (RGB in [0, 1])."""
+    """A kind of surface: its NYU-40 and NYU-13 class names and its base colour (RGB in [0, 1]).
+
+    The colours are spread over the hue circle, so that no two kinds share a hue."""
 
     name40: str
     name13: str
@@ -47,26 +62,26 @@ class _Kind:
         return NYU13_CLASS_NAMES.index(self.name13)
 
 
-WALL = _Kind("wall", "wall", (0.80, 0.78, 0.70))
-FLOOR = _Kind("floor", "floor", (0.55, 0.38, 0.22))
-CEILING = _Kind("ceiling", "ceiling", (0.92, 0.92, 0.90))
+WALL = _Kind("wall", "wall", (0.95, 0.29, 0.29))
+FLOOR = _Kind("floor", "floor", (0.41, 0.75, 0.46))
+CEILING = _Kind("ceiling", "ceiling", (0.47, 0.29, 0.95))
 # Furniture kinds with (width, height, depth) ranges in metres.
 FURNITURE: tuple[tuple[_Kind, tuple[tuple[float, float], ...]], ...] = (
-    (_Kind("cabinet", "furniture", (0.45, 0.30, 0.18)), ((0.6, 1.2), (0.8, 2.0), (0.4, 0.6))),
-    (_Kind("bed", "bed", (0.30, 0.40, 0.75)), ((1.4, 2.0), (0.4, 0.6), (1.9, 2.2))),
-    (_Kind("sofa", "sofa", (0.60, 0.15, 0.15)), ((1.6, 2.4), (0.7, 0.9), (0.8, 1.0))),
-    (_Kind("table", "table", (0.65, 0.50, 0.30)), ((0.8, 1.6), (0.7, 0.8), (0.6, 1.0))),
-    (_Kind("bookshelf", "furniture", (0.35, 0.22, 0.12)), ((0.8, 1.2), (1.6, 2.2), (0.3, 0.4))),
-    (_Kind("dresser", "furniture", (0.85, 0.82, 0.75)), ((0.8, 1.4), (0.8, 1.1), (0.45, 0.6))),
-    (_Kind("night stand", "furniture", (0.25, 0.25, 0.28)), ((0.4, 0.6), (0.5, 0.7), (0.4, 0.5))),
-    (_Kind("box", "objects", (0.75, 0.62, 0.40)), ((0.3, 0.6), (0.3, 0.5), (0.3, 0.6))),
+    (_Kind("cabinet", "furniture", (0.95, 0.89, 0.52)), ((0.6, 1.2), (0.8, 2.0), (0.4, 0.6))),
+    (_Kind("bed", "bed", (0.23, 0.75, 0.75)), ((1.4, 2.0), (0.4, 0.6), (1.9, 2.2))),
+    (_Kind("sofa", "sofa", (0.95, 0.52, 0.89)), ((1.6, 2.4), (0.7, 0.9), (0.8, 1.0))),
+    (_Kind("table", "table", (0.48, 0.95, 0.29)), ((0.8, 1.6), (0.7, 0.8), (0.6, 1.0))),
+    (_Kind("bookshelf", "furniture", (0.41, 0.46, 0.75)), ((0.8, 1.2), (1.6, 2.2), (0.3, 0.4))),
+    (_Kind("dresser", "furniture", (0.95, 0.57, 0.29)), ((0.8, 1.4), (0.8, 1.1), (0.45, 0.6))),
+    (_Kind("night stand", "furniture", (0.52, 0.95, 0.77)), ((0.4, 0.6), (0.5, 0.7), (0.4, 0.5))),
+    (_Kind("box", "objects", (0.60, 0.23, 0.75)), ((0.3, 0.6), (0.3, 0.5), (0.3, 0.6))),
 )
-WINDOW = _Kind("window", "window", (0.75, 0.88, 0.98))
+WINDOW = _Kind("window", "window", (0.83, 0.95, 0.52))
 # Wall decorations with (width, height) ranges and the range of their centre's height above the floor.
 DECOR: tuple[tuple[_Kind, tuple[tuple[float, float], ...]], ...] = (
-    (_Kind("picture", "picture", (0.20, 0.45, 0.65)), ((0.4, 1.0), (0.3, 0.8), (1.4, 1.9))),
+    (_Kind("picture", "picture", (0.29, 0.67, 0.95)), ((0.4, 1.0), (0.3, 0.8), (1.4, 1.9))),
     (WINDOW, ((0.9, 1.6), (1.0, 1.4), (1.4, 1.8))),
-    (_Kind("television", "tv", (0.05, 0.05, 0.07)), ((0.8, 1.3), (0.5, 0.75), (1.0, 1.4))),
+    (_Kind("television", "tv", (0.75, 0.41, 0.56)), ((0.8, 1.3), (0.5, 0.75), (1.0, 1.4))),
 )
 KINDS: tuple[_Kind, ...] = (WALL, FLOOR, CEILING, *(k for k, _ in FURNITURE), *(k for k, _ in DECOR))
 
@@ -107,9 +122,10 @@ def render_room(rng: np.random.Generator, size: tuple[int, int]) -> RenderedView
     world frame turned by a small yaw and pitch.
     """
     h, w = size
+    # Wide ranges, so that depth is a matter of each room's layout rather than of a typical room.
     cam_height, room_height = rng.uniform(1.2, 1.6), rng.uniform(2.5, 3.2)
     floor_y, ceiling_y = cam_height, cam_height - room_height
-    left_x, right_x, back_z = -rng.uniform(1.5, 3.0), rng.uniform(1.5, 3.0), rng.uniform(4.0, 7.5)
+    left_x, right_x, back_z = -rng.uniform(1.2, 3.5), rng.uniform(1.2, 3.5), rng.uniform(4.0, 8.5)
     rot = _rotation(rng.uniform(-0.25, 0.25), rng.uniform(-0.12, 0.12))
 
     # Camera-frame rays with unit z, so the ray parameter t is the depth; turned into the world.
@@ -167,9 +183,8 @@ def render_room(rng: np.random.Generator, size: tuple[int, int]) -> RenderedView
             t[hit], kind[hit], normal[hit] = entry[hit], KINDS.index(box_kind), face_normal[hit]
             surface[hit] = -1
 
-    points = rays * t[..., None]
-    image = _shade(rng, kind, normal, points, t)
     normal_cam = normal @ rot  # world -> camera frame (rot is orthonormal)
+    image = _shade(rng, kind, normal_cam)
 
     # Missing depth, as from a Kinect: window panes and a random blob.
     no_depth = kind == KINDS.index(WINDOW)
@@ -185,16 +200,29 @@ def render_room(rng: np.random.Generator, size: tuple[int, int]) -> RenderedView
     return RenderedView(image, kind, depth.astype(np.float32), normal_cam.astype(np.float32))
 
 
-def _shade(
-    rng: np.random.Generator, kind: np.ndarray, normal: np.ndarray, points: np.ndarray, t: np.ndarray
-) -> np.ndarray:
-    """Lambertian shading of per-kind colours (jittered per scene) with a positional texture."""
-    colours = np.array([k.colour for k in KINDS]) * rng.uniform(0.8, 1.2, size=(len(KINDS), 3))
-    waves = rng.uniform(2.0, 12.0, size=(len(KINDS), 3))  # a texture frequency per kind and axis
-    light = np.array([rng.uniform(-0.6, 0.6), -1.0, rng.uniform(-0.6, 0.2)])
+# The light, in the camera frame: each orientation of a room's surfaces (floor, ceiling, back
+# wall, left and right walls) gets a distinct n . LIGHT (0.81, -0.81, 0.55, 0.2, -0.2).
+LIGHT = np.array([0.2, -0.81, -0.55])
+
+
+def _shade(rng: np.random.Generator, kind: np.ndarray, normal: np.ndarray) -> np.ndarray:
+    """The image: each kind's colour (jittered a little per scene) times its image-space stripe
+    texture times a wrapped Lambertian shading of the camera-frame ``normal``, plus pixel noise.
+
+    Shading and texture are local by construction: brightness depends on the normal only (not on
+    the distance), and the stripes have a fixed size in pixels whatever the surface's depth.
+    """
+    h, w = kind.shape
+    colours = np.array([k.colour for k in KINDS]) * rng.uniform(0.96, 1.04, size=(len(KINDS), 3))
+    light = LIGHT + rng.uniform(-0.05, 0.05, size=3)
     light /= np.linalg.norm(light)
-    texture = 1.0 + 0.08 * np.sin((points * waves[kind]).sum(-1)) * np.cos(points[..., 1] * waves[kind, 1])
-    brightness = (0.45 + 0.55 * np.clip(normal @ light, 0.0, None)) * np.clip(1.15 - 0.04 * t, 0.6, 1.0)
+    # A stripe orientation and period (pixels) per kind, the same in every scene.
+    angle = np.pi * np.arange(len(KINDS)) / len(KINDS)
+    period = 3.0 + np.arange(len(KINDS)) % 3
+    v, u = np.mgrid[0:h, 0:w] + 0.5
+    phase = 2 * np.pi * (u * np.cos(angle[kind]) + v * np.sin(angle[kind])) / period[kind]
+    texture = 1.0 + 0.06 * np.sin(phase)
+    brightness = 0.5 + 0.45 * (normal @ light)
     image = colours[kind] * (texture * brightness)[..., None] + rng.normal(0.0, 0.02, size=kind.shape + (3,))
     return (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
 
