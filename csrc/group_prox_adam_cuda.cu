@@ -47,6 +47,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "group_prox_adam_cuda.h"
+
 namespace {
 
 // The plan's constants (THREADS, MAX_GROUPS_PER_TILE) live in lomt_kernels/kernels/cuda_plan.py,
@@ -152,7 +154,7 @@ struct Work {
 // The tensor row `t` and this step's scalars, bias corrections and thresholds in float64 rounded
 // once to float32, as the reference's Python scalars are (and as the Triton kernel does).
 template <typename T>
-__device__ Work<T> load_work(const Args<T>& a, int64_t t) {
+__device__ __forceinline__ Work<T> load_work(const Args<T>& a, int64_t t) {
   const int64_t* row = a.tensors + t * kFields;
   Work<T> w;
   w.p = a.p_anchor + row[kP];
@@ -199,7 +201,7 @@ __device__ __forceinline__ bool skipped(const Args<T>& a) {
 // Counts this block as done with tensor `t`; the tensor's last block of the step (over every
 // launch) stores the new step count, once every block has read the old one, and resets the count.
 template <typename T>
-__device__ void finish_block(const Args<T>& a, int64_t t, const Work<T>& w) {
+__device__ __forceinline__ void finish_block(const Args<T>& a, int64_t t, const Work<T>& w) {
   if (!a.increment) return;
   __syncthreads();  // every thread of this block has read the old count
   if (threadIdx.x == 0) {
@@ -222,7 +224,7 @@ __device__ __forceinline__ float2 warp_sum(float2 x) {
 }
 
 // Sum over the block, returned to every thread. All threads must call it.
-__device__ float2 block_sum(float2 x) {
+__device__ __forceinline__ float2 block_sum(float2 x) {
   __shared__ float2 partial[kWarps];
   x = warp_sum(x);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -286,7 +288,7 @@ __device__ __forceinline__ float2 newton_terms(float z, float d, float theta, fl
 // group's sums of newton_terms; it and norms are the same in every participating thread, so all
 // of them take the same branches.
 template <typename Sums>
-__device__ float weighted_theta(Sums sums, float2 norms, float tau) {
+__device__ __forceinline__ float weighted_theta(Sums sums, float2 norms, float tau) {
   if (!isfinite(norms.x) || !isfinite(norms.y)) return INFINITY;
   if (!(sqrtf(norms.x) > tau)) return 0.f;
   float theta = norms.x * (sqrtf(norms.x) - tau) / norms.y;
@@ -303,7 +305,7 @@ __device__ float weighted_theta(Sums sums, float2 norms, float tau) {
 // prox of the tile's whole groups; or (two-phase launch 1) z written to p and, for kGroup, each
 // group's partial sum z^2 stored in the tile's own slot of `partials`.
 template <typename T, int PROX, bool ONE_PASS>
-__device__ void adam_prox_tile(const Work<T>& w, int64_t tile_index, float* partials) {
+__device__ __forceinline__ void adam_prox_tile(const Work<T>& w, int64_t tile_index, float* partials) {
   constexpr bool kElementwise = PROX == kNone || PROX == kL1;
   constexpr bool kStageZ = PROX == kGroup || (PROX == kWeighted && ONE_PASS);
   constexpr bool kStageD = PROX == kWeighted && ONE_PASS;
@@ -390,7 +392,7 @@ __device__ void adam_prox_tile(const Work<T>& w, int64_t tile_index, float* part
 // Launch 1: block j runs tile blocks[2j + 1] of tensor blocks[2j]. PROX is the launch's prox;
 // a tensor of the launch takes it or "none" (lomt_kernels.kernels.prepare.tensor_prox).
 template <typename T, int PROX>
-__global__ void __launch_bounds__(kThreads) step_kernel(Args<T> a) {
+__global__ void __launch_bounds__(kThreads, 1) step_kernel(Args<T> a) {
   if (skipped(a)) return;
   const int64_t t = a.blocks[2 * blockIdx.x], tile = a.blocks[2 * blockIdx.x + 1];
   const Work<T> w = load_work(a, t);
@@ -413,7 +415,7 @@ __global__ void __launch_bounds__(kThreads) step_kernel(Args<T> a) {
 // theta (weighted_theta) from z (in p after launch 1) and v, streaming the group once for the
 // norms and once per Newton iteration.
 template <typename T, int PROX>
-__global__ void __launch_bounds__(kThreads) stat_kernel(Args<T> a) {
+__global__ void __launch_bounds__(kThreads, 1) stat_kernel(Args<T> a) {
   if (skipped(a)) return;
   const int64_t t = a.blocks[2 * blockIdx.x], b = a.blocks[2 * blockIdx.x + 1];
   const Work<T> w = load_work(a, t);
@@ -429,29 +431,32 @@ __global__ void __launch_bounds__(kThreads) stat_kernel(Args<T> a) {
     for (int64_t j = threadIdx.x; j < tiles_a * tiles_k; j += kThreads) sum_sq += partials[(first + j) * w.tile.bg + slot];
     stat = block_sum(make_float2(sum_sq, 0.f)).x;
   } else {
-    const int64_t n = L.A * L.K;
-    auto at = [&](int64_t j) { return (j / L.K) * (L.B * L.K) + b * L.K + j % L.K; };
-    auto d_at = [&](int64_t i) { return sqrtf(static_cast<float>(w.v[i])) / h.sqrt_bc2 + h.eps; };
+    const int64_t n = L.A * L.K, K = L.K, row = L.B * L.K;
+    const T* p = w.p;
+    const T* v = w.v;
+    const float sqrt_bc2 = h.sqrt_bc2, eps = h.eps, tau = h.tau;
+    auto at = [=](int64_t j) { return (j / K) * row + b * K + j % K; };
+    auto d_at = [=](int64_t i) { return sqrtf(static_cast<float>(v[i])) / sqrt_bc2 + eps; };
     float2 norms = make_float2(0.f, 0.f);  // ||D z||^2, sum (d z)^2 d
     for (int64_t j = threadIdx.x; j < n; j += kThreads) {
       const int64_t i = at(j);
-      const float d = d_at(i), dz = d * static_cast<float>(w.p[i]);
+      const float d = d_at(i), dz = d * static_cast<float>(p[i]);
       norms.x += dz * dz;
       norms.y += dz * dz * d;
     }
     norms = block_sum(norms);
     stat = weighted_theta(
-        [&](float th) {
+        [=](float th) {
           float2 s = make_float2(0.f, 0.f);
           for (int64_t j = threadIdx.x; j < n; j += kThreads) {
             const int64_t i = at(j);
-            const float2 terms = newton_terms(static_cast<float>(w.p[i]), d_at(i), th, h.tau);
+            const float2 terms = newton_terms(static_cast<float>(p[i]), d_at(i), th, tau);
             s.x += terms.x;
             s.y += terms.y;
           }
           return block_sum(s);
         },
-        norms, h.tau);
+        norms, tau);
   }
   if (threadIdx.x == 0) a.stats[w.stat0 + b] = stat;
   finish_block(a, t, w);
@@ -460,7 +465,7 @@ __global__ void __launch_bounds__(kThreads) stat_kernel(Args<T> a) {
 // Launch 3: block j writes p = prox(z) on tile blocks[2j + 1] of two-phase tensor blocks[2j],
 // from z (in p) and each group's statistic (sum z^2, or theta).
 template <typename T, int PROX>
-__global__ void __launch_bounds__(kThreads) shrink_kernel(Args<T> a) {
+__global__ void __launch_bounds__(kThreads, 1) shrink_kernel(Args<T> a) {
   if (skipped(a)) return;
   const int64_t t = a.blocks[2 * blockIdx.x], tile = a.blocks[2 * blockIdx.x + 1];
   const Work<T> w = load_work(a, t);

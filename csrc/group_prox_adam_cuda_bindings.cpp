@@ -3,17 +3,7 @@
 
 #include <torch/extension.h>
 
-#include <optional>
-#include <vector>
-
-void group_prox_adam_cuda(const at::Tensor& p_anchor, const at::Tensor& g_anchor, const at::Tensor& step_anchor,
-                          const at::Tensor& tensors, const at::Tensor& blocks, const at::Tensor& counters,
-                          const at::Tensor& partials, const at::Tensor& stats,
-                          const std::vector<int64_t>& launch_blocks, int64_t smem_bytes, int64_t prox,
-                          const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
-                          const std::optional<at::Tensor>& found_inf, double lr, double lambda, double beta1,
-                          double beta2, double eps, double weight_decay, bool decoupled_weight_decay, bool maximize,
-                          bool increment_steps);
+#include "group_prox_adam_cuda.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("group_prox_adam", &group_prox_adam_cuda,

@@ -53,15 +53,19 @@ def arch_flags() -> list[str]:
 
 def build_flags() -> dict[str, list[str]]:
     """The compiler flags, as :func:`~lomt_kernels.kernels._extension.load_extension` takes them."""
-    return {"extra_cflags": ["-O3"], "extra_cuda_cflags": ["-O3", "-lineinfo", *arch_flags()]}
+    # ptxas's resource report (registers, spills) reaches the output only in a verbose build.
+    return {"extra_cflags": ["-O3"], "extra_cuda_cflags": ["-O3", "-lineinfo", "-Xptxas=-v", *arch_flags()]}
 
 
-def build() -> ModuleType:
-    """Build (first use) and load the extension; needs the CUDA toolkit, not a GPU.
+def build(verbose: bool = False) -> ModuleType:
+    """Build (first use) and load the extension; needs the CUDA toolkit, not a GPU. ``verbose``
+    prints the compilers' output, ptxas's registers and spills per kernel included, if it compiles.
 
     Raises :class:`~lomt_kernels.kernels._extension.ExtensionUnavailable` with the reason.
     """
-    module = load_extension(EXTENSION_NAME, SOURCES, **build_flags(), python_module=True, prepare_build=use_cuda_home)
+    module = load_extension(
+        EXTENSION_NAME, SOURCES, **build_flags(), python_module=True, prepare_build=use_cuda_home, verbose=verbose
+    )
     assert isinstance(module, ModuleType)
     return module
 
@@ -184,4 +188,4 @@ if __name__ == "__main__":
     parser.add_argument("--compile-only", action="store_true", required=True)
     parser.parse_args()
     start = time.perf_counter()
-    print(f"built {build().__file__} in {time.perf_counter() - start:.0f} s")
+    print(f"built {build(verbose=True).__file__} in {time.perf_counter() - start:.0f} s")
