@@ -147,7 +147,8 @@ def test_resnet50_conv_shapes(prox):
 MIXED = ["conv3x3", "conv1x1", "conv3x3_channels_last", "bias", "linear", "linear_transposed", ((20000, 24), "contiguous")]
 
 
-def device_state(names: list, prox: str = "group", seed: int = 0) -> State:
+def device_state(names: list, seed: int = 0) -> State:
+    """:class:`State` in float32 with its step counts on the GPU, where the backend keeps them."""
     state = State(names, "in_channel", torch.float32, DEVICE, seed=seed)
     state.steps = [s.to(DEVICE) for s in state.steps]
     return state
