@@ -15,17 +15,15 @@ import sys
 
 import pytest
 import torch
-from lomt_kernels.kernels import cuda as cuda_backend
-from lomt_kernels.kernels import cuda_toolkit
-from lomt_kernels.kernels._extension import ExtensionUnavailable
-from lomt_kernels.kernels import device_table
-from test_kernels_triton import (
-    GROUPINGS, NONFINITE_CASES, OPTIONS, PROXES, SHAPES, STEPS, State, assert_close_to_reference,
-    assert_some_groups_zero_and_some_not, hyper, run_nonfinite, run_options, run_resnet50_shapes,
-    run_steady_state_without_sync, run_steps, run_ten_repeats,
-)
 from benchmarks.params import resnet50_conv_shapes
-from lomt_kernels import reference
+from lomt_kernels.kernels import cuda as cuda_backend
+from lomt_kernels.kernels import cuda_toolkit, device_table
+from lomt_kernels.kernels._extension import ExtensionUnavailable
+from test_kernels_triton import (
+    GROUPINGS, NONFINITE_CASES, OPTIONS, PROXES, SHAPES, STEPS, State, assert_some_groups_zero_and_some_not,
+    hyper, run_found_inf, run_nonfinite, run_options, run_resnet50_shapes, run_steady_state_without_sync,
+    run_steps, run_ten_repeats,
+)
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICE = torch.device("cuda")
@@ -179,23 +177,11 @@ def test_steps_counted_in_the_kernels_over_three_launches(prox):
 
 
 @cuda_only
+@pytest.mark.parametrize("prox", ["group", "group_weighted"])
 @pytest.mark.parametrize("found", [0.0, 1.0])
-def test_found_inf_skips_the_step_on_the_device(found):
-    """A nonzero ``found_inf`` leaves params, moments and step counts as they were, two-phase
-    tensors included; zero changes nothing in the step."""
-    state = device_state(MIXED)
-    state.new_grads()
-    before = [[t.clone() for t in ts] for ts in state.tensors()]
-    kwargs = hyper("group", "in_channel")
-    cuda_backend.group_prox_adam(*state.tensors(), **kwargs, found_inf=torch.tensor(found, device=DEVICE),
-                                 increment_steps=True)
-    unchanged = all(torch.equal(a, b) for ts, bs in zip(state.tensors(), before) for a, b in zip(ts, bs))
-    assert unchanged == bool(found)
-    if not found:
-        expected = [[t.double() for t in ts] for ts in before[:4]]
-        reference.group_prox_adam(*expected, [s.cpu() + 1 for s in before[4]], **kwargs)
-        for i, (ours, theirs) in enumerate(zip(state.params, expected[0])):
-            assert_close_to_reference(ours, theirs, f"tensor {i} p")
+def test_found_inf_skips_the_step_on_the_device(prox, found):
+    """:func:`run_found_inf` with two-phase tensors, the copies path and elementwise ones."""
+    run_found_inf(cuda_backend.group_prox_adam, device_state(MIXED), prox, found)
 
 
 @cuda_only

@@ -405,23 +405,26 @@ def test_steps_counted_in_the_kernel(small_items, prox):
     assert [float(s) for s in state.steps] == [10.0 + STEPS, 14.0 + STEPS, 10.0 + STEPS]
 
 
-@pytest.mark.parametrize("found", [0.0, 1.0])
-def test_found_inf_skips_the_step_on_the_device(small_items, found):
+def run_found_inf(step_fn: Callable[..., None], state: State, prox: str, found: float) -> None:
     """GradScaler's ``found_inf``: a nonzero one leaves params, moments and step counts as they
-    were; zero changes nothing in the step."""
-    state = State(["conv3x3", "bias", "conv1x1"], "in_channel", torch.float32, DEVICE)
+    were; zero changes nothing in the step (which counts the steps itself)."""
     state.new_grads()
     before = [[t.clone() for t in ts] for ts in state.tensors()]
-    kwargs = hyper("group_weighted", "in_channel")
-    triton_backend.group_prox_adam(*state.tensors(), **kwargs, found_inf=torch.tensor(found, device=DEVICE),
-                                   increment_steps=True)
+    kwargs = hyper(prox, "in_channel")
+    step_fn(*state.tensors(), **kwargs, found_inf=torch.tensor(found, device=state.params[0].device), increment_steps=True)
     unchanged = all(torch.equal(a, b) for ts, bs in zip(state.tensors(), before) for a, b in zip(ts, bs))
     assert unchanged == bool(found)
     if not found:
         expected = [[t.double() for t in ts] for ts in before[:4]]
-        reference.group_prox_adam(*expected, [s + 1 for s in before[4]], **kwargs)
+        reference.group_prox_adam(*expected, [s.cpu() + 1 for s in before[4]], **kwargs)
         for i, (ours, theirs) in enumerate(zip(state.params, expected[0])):
             assert_close_to_reference(ours, theirs, f"tensor {i} p")
+
+
+@pytest.mark.parametrize("found", [0.0, 1.0])
+def test_found_inf_skips_the_step_on_the_device(small_items, found):
+    state = State(["conv3x3", "bias", "conv1x1"], "in_channel", torch.float32, DEVICE)
+    run_found_inf(triton_backend.group_prox_adam, state, "group_weighted", found)
 
 
 def test_repeats_are_bit_identical(small_items):
