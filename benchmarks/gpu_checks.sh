@@ -61,14 +61,14 @@ if command -v ncu >/dev/null; then
     # One whole step (every launch of it) between cudaProfilerStart and Stop, after two warm steps.
     for backend in triton cuda; do
         for prox in group group_weighted; do
-            TAIL_LINES=16 stage "ncu_${backend}_$prox" 60 ncu --profile-from-start off \
+            TAIL_LINES=16 stage "ncu_${backend}_$prox" 40 ncu --profile-from-start off \
                 --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct \
                 $python -c "import torch; from benchmarks.baselines import Method, fused_spec; from benchmarks.params import build_set; m = Method(fused_spec('$backend', '$prox'), build_set('resnet50-convs', 'cuda')); [m.timed_step() for _ in range(2)]; m.restore(); torch.cuda.cudart().cudaProfilerStart(); m.step(); torch.cuda.cudart().cudaProfilerStop(); print('params', m.pset.numel)"
         done
     done
 fi
 stage report 75 $python -m benchmarks.report --device cuda ${REPORT_ARGS:---sets resnet50-convs,nyu-3task --repeats 9} --output "$out/RESULTS-cuda.md"
-stage cuda_tests 40 $python -m pytest -q -p no:cacheprovider $parallel -k "not extension_compiles" tests/test_kernels_cuda.py
+stage cuda_tests 75 $python -m pytest -q -p no:cacheprovider $parallel -k "not extension_compiles" tests/test_kernels_cuda.py
 TAIL_LINES=6 stage paper_training 90 $python -m lomt_train nyu --tasks seg,normal,depth --synthetic --paper --seeds 0 \
     --epochs 2 --lambda 1e-4 --out "$out/paper-run"
 $python - "$out" <<'EOF' | tee -a "$out/summary.log"
