@@ -55,6 +55,9 @@ namespace {
 // which sizes every tile and its shared memory; these two must agree with it.
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
+// Every kernel is __launch_bounds__(kThreads, kBlocksPerSM): at most 64 registers a thread, so
+// that two blocks (full occupancy) fit an SM's register file; the build checks nothing spills.
+constexpr int kBlocksPerSM = 2;
 constexpr int kMaxGroupsPerTile = 64;
 // The weighted prox's Newton solve (reference.WEIGHTED_PROX_MAX_ITER and RTOL for float32).
 constexpr int kMaxIter = 30;
@@ -105,31 +108,34 @@ struct Args {
   bool maximize, decoupled, increment;
 };
 
-// Where block `tile` sits: its first row, group and column, and its extents.
+// Where block `tile` sits: its first element, first group and extents. Extents within a tile
+// (at most a tile's elements) are 32-bit, so the per-element index arithmetic is too; only the
+// storage index is 64-bit.
 struct TileCoords {
-  int64_t tb, a0, b0, col0, na, nb, nk, W;
+  int64_t first, row_len, b0;
+  int32_t na, nb, nk, W;
 
   __device__ TileCoords(const Layout& L, const Tile& t, int64_t tile) {
     const int64_t tiles_k = (L.K + t.bk - 1) / t.bk;
     const int64_t tiles_a = (L.A + t.ba - 1) / t.ba;
     const int64_t tk = tile % tiles_k;
     const int64_t ta = (tile / tiles_k) % tiles_a;
-    tb = tile / (tiles_k * tiles_a);
-    a0 = ta * t.ba;
+    const int64_t tb = tile / (tiles_k * tiles_a);
+    const int64_t a0 = ta * t.ba, k0 = tk * t.bk;
     b0 = tb * t.bg;
-    const int64_t k0 = tk * t.bk;
-    na = min(t.ba, L.A - a0);
-    nb = min(t.bg, L.B - b0);
-    nk = min(t.bk, L.K - k0);
+    na = static_cast<int32_t>(min(t.ba, L.A - a0));
+    nb = static_cast<int32_t>(min(t.bg, L.B - b0));
+    nk = static_cast<int32_t>(min(t.bk, L.K - k0));
     W = nb * nk;  // nb == 1 whenever nk < K, so a row's part of the tile is contiguous
-    col0 = b0 * L.K + k0;
+    row_len = L.B * L.K;
+    first = a0 * row_len + b0 * L.K + k0;
   }
 
   // Storage index of the tile's e-th element (memory order), and its row and column.
-  __device__ int64_t index(const Layout& L, int64_t e, int64_t& row, int64_t& col) const {
+  __device__ __forceinline__ int64_t index(int32_t e, int32_t& row, int32_t& col) const {
     row = e / W;
     col = e - row * W;
-    return (a0 + row) * (L.B * L.K) + col0 + col;
+    return first + row * row_len + col;
   }
 };
 
@@ -140,13 +146,11 @@ struct Work {
   const T* g;
   T* m;
   T* v;
-  float* step_ptr;
-  float step;  // this step's count
   Layout L;
   Tile tile;
   int prox;
   bool one_pass;
-  int64_t partial0, stat0, blocks;
+  int64_t partial0, stat0;
   float grad_scale;
   Hyper h;
 };
@@ -154,25 +158,23 @@ struct Work {
 // The tensor row `t` and this step's scalars, bias corrections and thresholds in float64 rounded
 // once to float32, as the reference's Python scalars are (and as the Triton kernel does).
 template <typename T>
-__device__ __forceinline__ Work<T> load_work(const Args<T>& a, int64_t t) {
+__device__ __forceinline__ Work<T> load_work(const Args<T>& a, int32_t t) {
   const int64_t* row = a.tensors + t * kFields;
   Work<T> w;
   w.p = a.p_anchor + row[kP];
   w.g = a.g_anchor + row[kG];
   w.m = a.p_anchor + row[kM];
   w.v = a.p_anchor + row[kV];
-  w.step_ptr = a.step_anchor + row[kStep];
-  w.step = *w.step_ptr + (a.increment ? 1.f : 0.f);
   w.L = Layout{row[kA], row[kB], row[kK]};
   w.tile = Tile{row[kTileA], row[kTileG], row[kTileK], row[kPitch]};
   w.prox = static_cast<int>(row[kProx]);
   w.one_pass = row[kOnePass] != 0;
   w.partial0 = row[kPartial0];
   w.stat0 = row[kStat0];
-  w.blocks = row[kBlocks];
   w.grad_scale = a.grad_scale ? *a.grad_scale : 1.f;
   const double lr = a.lr_ptr ? static_cast<double>(*a.lr_ptr) : static_cast<double>(a.lr);
-  const double step = static_cast<double>(w.step);
+  // This step's count: the stored one, plus one when the kernels increment it.
+  const double step = static_cast<double>(a.step_anchor[row[kStep]] + (a.increment ? 1.f : 0.f));
   const double bc1 = 1.0 - exp(step * a.log_beta1);
   const double bc2 = 1.0 - exp(step * a.log_beta2);
   const double threshold = lr * static_cast<double>(a.lambda);
@@ -199,16 +201,16 @@ __device__ __forceinline__ bool skipped(const Args<T>& a) {
 }
 
 // Counts this block as done with tensor `t`; the tensor's last block of the step (over every
-// launch) stores the new step count, once every block has read the old one, and resets the count.
+// launch) adds one to its step count, once every block has read the old one, and resets the count.
 template <typename T>
-__device__ __forceinline__ void finish_block(const Args<T>& a, int64_t t, const Work<T>& w) {
+__device__ __forceinline__ void finish_block(const Args<T>& a, int32_t t) {
   if (!a.increment) return;
   __syncthreads();  // every thread of this block has read the old count
   if (threadIdx.x == 0) {
+    const int64_t* row = a.tensors + t * kFields;
     __threadfence();
-    const int done = atomicAdd(a.counters + t, 1) + 1;
-    if (done == w.blocks) {
-      *w.step_ptr = w.step;
+    if (atomicAdd(a.counters + t, 1) + 1 == row[kBlocks]) {
+      a.step_anchor[row[kStep]] += 1.f;
       a.counters[t] = 0;
     }
   }
@@ -292,6 +294,7 @@ __device__ __forceinline__ float weighted_theta(Sums sums, float2 norms, float t
   if (!isfinite(norms.x) || !isfinite(norms.y)) return INFINITY;
   if (!(sqrtf(norms.x) > tau)) return 0.f;
   float theta = norms.x * (sqrtf(norms.x) - tau) / norms.y;
+#pragma unroll 1  // one iteration's code: unrolled copies would cost registers, not time
   for (int it = 1; it < kMaxIter; ++it) {
     const float2 s = sums(theta);
     const float phi = rsqrtf(s.x);
@@ -305,7 +308,7 @@ __device__ __forceinline__ float weighted_theta(Sums sums, float2 norms, float t
 // prox of the tile's whole groups; or (two-phase launch 1) z written to p and, for kGroup, each
 // group's partial sum z^2 stored in the tile's own slot of `partials`.
 template <typename T, int PROX, bool ONE_PASS>
-__device__ __forceinline__ void adam_prox_tile(const Work<T>& w, int64_t tile_index, float* partials) {
+__device__ __forceinline__ void adam_prox_tile(const Work<T>& w, int32_t tile_index, float* partials) {
   constexpr bool kElementwise = PROX == kNone || PROX == kL1;
   constexpr bool kStageZ = PROX == kGroup || (PROX == kWeighted && ONE_PASS);
   constexpr bool kStageD = PROX == kWeighted && ONE_PASS;
@@ -318,10 +321,10 @@ __device__ __forceinline__ void adam_prox_tile(const Work<T>& w, int64_t tile_in
   float* d_tile = z_tile + tile.ba * tile.pitch;
 
   const TileCoords tc(L, tile, tile_index);
-  const int64_t n = tc.na * tc.W;
-  for (int64_t e = threadIdx.x; e < n; e += kThreads) {
-    int64_t row, col;
-    const int64_t i = tc.index(L, e, row, col);
+  const int32_t n = tc.na * tc.W, pitch = static_cast<int32_t>(tile.pitch);
+  for (int32_t e = threadIdx.x; e < n; e += kThreads) {
+    int32_t row, col;
+    const int64_t i = tc.index(e, row, col);
     float d;
     const float z = adam_update(w.p, w.g, w.m, w.v, i, h, w.grad_scale, d);
     if (kElementwise) {
@@ -329,22 +332,22 @@ __device__ __forceinline__ void adam_prox_tile(const Work<T>& w, int64_t tile_in
     } else if (!ONE_PASS) {
       w.p[i] = static_cast<T>(z);
     }
-    if (kStageZ) z_tile[row * tile.pitch + col] = z;
-    if (kStageD) d_tile[row * tile.pitch + col] = d;
+    if (kStageZ) z_tile[row * pitch + col] = z;
+    if (kStageD) d_tile[row * pitch + col] = d;
   }
   if constexpr (kStageZ) {
     __syncthreads();
     // One warp per group: its elements are rows 0..na of columns [slot*nk, (slot+1)*nk).
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int64_t group_elems = tc.na * tc.nk;
-    for (int64_t slot = warp; slot < tc.nb; slot += kWarps) {
-      auto at = [&](int64_t j) {
-        const int64_t row = j / tc.nk;
-        return row * tile.pitch + slot * tc.nk + (j - row * tc.nk);
+    const int32_t group_elems = tc.na * tc.nk, nk = tc.nk;
+    for (int32_t slot = warp; slot < tc.nb; slot += kWarps) {
+      auto at = [=](int32_t j) {
+        const int32_t row = j / nk;
+        return row * pitch + slot * nk + (j - row * nk);
       };
       if (PROX == kGroup) {
         float sum_sq = 0.f;
-        for (int64_t j = lane; j < group_elems; j += 32) sum_sq += z_tile[at(j)] * z_tile[at(j)];
+        for (int32_t j = lane; j < group_elems; j += 32) sum_sq += z_tile[at(j)] * z_tile[at(j)];
         sum_sq = warp_sum(sum_sq);
         if (lane == 0) {
           if (ONE_PASS) {
@@ -355,35 +358,36 @@ __device__ __forceinline__ void adam_prox_tile(const Work<T>& w, int64_t tile_in
         }
       } else {
         float2 norms = make_float2(0.f, 0.f);  // ||D z||^2, sum (d z)^2 d
-        for (int64_t j = lane; j < group_elems; j += 32) {
+        for (int32_t j = lane; j < group_elems; j += 32) {
           const float d = d_tile[at(j)], dz = d * z_tile[at(j)];
           norms.x += dz * dz;
           norms.y += dz * dz * d;
         }
         norms = warp_sum(norms);
+        const float tau = h.tau;
         const float theta = weighted_theta(
-            [&](float th) {
+            [=](float th) {
               float2 s = make_float2(0.f, 0.f);
-              for (int64_t j = lane; j < group_elems; j += 32) {
-                const float2 t = newton_terms(z_tile[at(j)], d_tile[at(j)], th, h.tau);
+              for (int32_t j = lane; j < group_elems; j += 32) {
+                const float2 t = newton_terms(z_tile[at(j)], d_tile[at(j)], th, tau);
                 s.x += t.x;
                 s.y += t.y;
               }
               return warp_sum(s);
             },
-            norms, h.tau);
+            norms, tau);
         if (lane == 0) group_stat[slot] = theta;
       }
     }
     if constexpr (ONE_PASS) {
       __syncthreads();
-      for (int64_t e = threadIdx.x; e < n; e += kThreads) {
-        int64_t row, col;
-        const int64_t i = tc.index(L, e, row, col);
-        const float z = z_tile[row * tile.pitch + col];
-        const float stat = group_stat[col / tc.nk];
+      for (int32_t e = threadIdx.x; e < n; e += kThreads) {
+        int32_t row, col;
+        const int64_t i = tc.index(e, row, col);
+        const float z = z_tile[row * pitch + col];
+        const float stat = group_stat[col / nk];
         w.p[i] = static_cast<T>(PROX == kGroup ? group_shrink(z, stat, h.tau)
-                                               : weighted_shrink(z, d_tile[row * tile.pitch + col], stat, h.tau));
+                                               : weighted_shrink(z, d_tile[row * pitch + col], stat, h.tau));
       }
     }
   }
@@ -392,9 +396,9 @@ __device__ __forceinline__ void adam_prox_tile(const Work<T>& w, int64_t tile_in
 // Launch 1: block j runs tile blocks[2j + 1] of tensor blocks[2j]. PROX is the launch's prox;
 // a tensor of the launch takes it or "none" (lomt_kernels.kernels.prepare.tensor_prox).
 template <typename T, int PROX>
-__global__ void __launch_bounds__(kThreads, 1) step_kernel(Args<T> a) {
+__global__ void __launch_bounds__(kThreads, kBlocksPerSM) step_kernel(Args<T> a) {
   if (skipped(a)) return;
-  const int64_t t = a.blocks[2 * blockIdx.x], tile = a.blocks[2 * blockIdx.x + 1];
+  const int32_t t = a.blocks[2 * blockIdx.x], tile = a.blocks[2 * blockIdx.x + 1];
   const Work<T> w = load_work(a, t);
   if (w.prox == kNone) {
     adam_prox_tile<T, kNone, true>(w, tile, nullptr);
@@ -407,7 +411,7 @@ __global__ void __launch_bounds__(kThreads, 1) step_kernel(Args<T> a) {
       adam_prox_tile<T, PROX, false>(w, tile, a.partials + w.partial0);
     }
   }
-  finish_block(a, t, w);
+  finish_block(a, t);
 }
 
 // Launch 2: block j finds the statistic of group blocks[2j + 1] of two-phase tensor blocks[2j]:
@@ -415,9 +419,9 @@ __global__ void __launch_bounds__(kThreads, 1) step_kernel(Args<T> a) {
 // theta (weighted_theta) from z (in p after launch 1) and v, streaming the group once for the
 // norms and once per Newton iteration.
 template <typename T, int PROX>
-__global__ void __launch_bounds__(kThreads, 1) stat_kernel(Args<T> a) {
+__global__ void __launch_bounds__(kThreads, kBlocksPerSM) stat_kernel(Args<T> a) {
   if (skipped(a)) return;
-  const int64_t t = a.blocks[2 * blockIdx.x], b = a.blocks[2 * blockIdx.x + 1];
+  const int32_t t = a.blocks[2 * blockIdx.x], b = a.blocks[2 * blockIdx.x + 1];
   const Work<T> w = load_work(a, t);
   const Layout& L = w.L;
   const Hyper& h = w.h;
@@ -459,21 +463,21 @@ __global__ void __launch_bounds__(kThreads, 1) stat_kernel(Args<T> a) {
         norms, tau);
   }
   if (threadIdx.x == 0) a.stats[w.stat0 + b] = stat;
-  finish_block(a, t, w);
+  finish_block(a, t);
 }
 
 // Launch 3: block j writes p = prox(z) on tile blocks[2j + 1] of two-phase tensor blocks[2j],
 // from z (in p) and each group's statistic (sum z^2, or theta).
 template <typename T, int PROX>
-__global__ void __launch_bounds__(kThreads, 1) shrink_kernel(Args<T> a) {
+__global__ void __launch_bounds__(kThreads, kBlocksPerSM) shrink_kernel(Args<T> a) {
   if (skipped(a)) return;
-  const int64_t t = a.blocks[2 * blockIdx.x], tile = a.blocks[2 * blockIdx.x + 1];
+  const int32_t t = a.blocks[2 * blockIdx.x], tile = a.blocks[2 * blockIdx.x + 1];
   const Work<T> w = load_work(a, t);
   const TileCoords tc(w.L, w.tile, tile);
-  const int64_t n = tc.na * tc.W;
-  for (int64_t e = threadIdx.x; e < n; e += kThreads) {
-    int64_t row, col;
-    const int64_t i = tc.index(w.L, e, row, col);
+  const int32_t n = tc.na * tc.W;
+  for (int32_t e = threadIdx.x; e < n; e += kThreads) {
+    int32_t row, col;
+    const int64_t i = tc.index(e, row, col);
     const float z = static_cast<float>(w.p[i]);
     const float stat = a.stats[w.stat0 + tc.b0 + col / tc.nk];
     if (PROX == kGroup) {
@@ -483,7 +487,7 @@ __global__ void __launch_bounds__(kThreads, 1) shrink_kernel(Args<T> a) {
       w.p[i] = static_cast<T>(weighted_shrink(z, d, stat, w.h.tau));
     }
   }
-  finish_block(a, t, w);
+  finish_block(a, t);
 }
 
 // The step's launches, in stream order: launch k has launch_blocks[k] blocks, whose (tensor,
