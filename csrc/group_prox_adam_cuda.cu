@@ -56,7 +56,7 @@ namespace {
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 // Every kernel is __launch_bounds__(kThreads, kBlocksPerSM): at most 64 registers a thread, so
-// that two blocks (full occupancy) fit an SM's register file; the build checks nothing spills.
+// that two blocks fit in an SM's register file; the CI build checks that nothing spills.
 constexpr int kBlocksPerSM = 2;
 constexpr int kMaxGroupsPerTile = 64;
 // The weighted prox's Newton solve (reference.WEIGHTED_PROX_MAX_ITER and RTOL for float32).
