@@ -2,8 +2,8 @@
 
 :mod:`lomt_kernels.kernels.cuda_plan` decides every block of every launch, and the kernels in
 ``csrc/group_prox_adam_cuda.cu`` only follow it (their ``TileCoords`` is :func:`cuda_plan.tile_offsets`),
-so these tests check here what the GPU will do: every element is stepped once in launch 0, every
-two-phase element shrunk once in launch 2, every two-phase group solved once in launch 1, partial
+so these tests check here what the GPU will do: every element is stepped once in launch 1, every
+two-phase element shrunk once in launch 3, every two-phase group solved once in launch 2, partial
 sums written and read at the same slots, at most three launches, shared memory within the limit;
 and the tables the host path hands the extension point at the right tensors, step after step.
 """
@@ -64,8 +64,8 @@ def test_every_element_stepped_once_and_every_two_phase_element_shrunk_once(prox
 @pytest.mark.parametrize("prox", ["group", "group_weighted"])
 def test_groups_whole_in_one_pass_tiles_and_solved_once_in_two(prox):
     """A one-pass tile holds each of its groups whole; a two-phase tensor's groups each get one
-    launch-1 block; and its "group" partial sums are written at distinct slots, exactly the ones
-    launch 1 adds for that group."""
+    block of launch 2; and its "group" partial sums are written (launch 1) at distinct slots,
+    exactly the ones launch 2 adds for that group."""
     layouts, plan = plan_for(prox)
     two_phase = {t for t, tile in enumerate(plan.tiles) if not tile.one_pass}
     assert {t for t, _ in plan.blocks[1]} == two_phase and two_phase  # some of each kind
@@ -107,7 +107,7 @@ def test_block_table_consistent(prox):
     assert plan.smem_bytes == max(tile.smem_bytes for tile in plan.tiles) <= cuda_plan.SHARED_MEMORY
     for layout, tile in zip(layouts, plan.tiles):
         if not tile.smem_bytes:
-            continue  # nothing staged: elementwise, or the weighted prox's two-phase launch 0
+            continue  # nothing staged: elementwise, or the weighted prox's two-phase launch 1
         assert tile.pitch % 2 == 1 and tile.pitch >= tile.bg * min(tile.bk, layout.inner)
         if tile.one_pass:
             arrays = 2 if prox == "group_weighted" else 1

@@ -92,8 +92,8 @@ def tensor_tile(layout: GroupLayout, prox: str) -> TensorTile:
 class CudaPlan:
     """The tiles of one launch group's tensors and the blocks of its (at most) three launches.
 
-    ``blocks[k]`` lists launch ``k``'s blocks as ``(tensor, tile)`` (launches 0 and 2) or
-    ``(tensor, group)`` (launch 1). A two-phase tensor's ``"group"`` partial sums take
+    ``blocks[k]`` lists the blocks of launch ``k + 1`` as ``(tensor, tile)`` (launches 1 and 3)
+    or ``(tensor, group)`` (launch 2). A two-phase tensor's ``"group"`` partial sums take
     ``tiles * bg`` floats from ``partial_offsets[t]`` (slot ``tile * bg + group % bg``); its
     groups' statistics ``B`` floats from ``stat_offsets[t]``. ``tensor_blocks[t]`` counts the
     tensor's blocks over all launches (its last one stores the new step count).
@@ -118,8 +118,8 @@ class CudaPlan:
 def build_plan(layouts: list[GroupLayout], proxes: list[str]) -> CudaPlan:
     """The plan of one launch group over tensors with these layouts and (per-tensor) proxes.
 
-    Launch 0 runs every tensor's tiles, one-pass grouped tensors first (the heaviest blocks) and
-    elementwise ones last; launches 1 and 2 cover only the two-phase tensors.
+    Launch 1 runs every tensor's tiles, grouped tensors first (the heaviest blocks) and
+    elementwise ones last; launches 2 and 3 cover only the two-phase tensors.
     """
     tiles = [tensor_tile(layout, prox) for layout, prox in zip(layouts, proxes)]
     partial_offsets, stat_offsets = [], []
@@ -164,7 +164,7 @@ def tile_offsets(layout: GroupLayout, tile: TensorTile, index: int) -> list[tupl
 
 
 def group_partial_slots(layout: GroupLayout, tile: TensorTile, group: int) -> list[int]:
-    """The partial-sum slots launch 1 writes for ``group`` and launch 2 adds, in its order."""
+    """The partial-sum slots launch 1 writes for ``group`` and launch 2 adds, in that order."""
     A, _, K = layout
     per_row_block = -(-A // tile.ba) * -(-K // tile.bk)
     first = (group // tile.bg) * per_row_block
