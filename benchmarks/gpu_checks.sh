@@ -8,9 +8,11 @@
 # with its exit code and last lines in OUTDIR/summary.log:
 #   1. the device, versions, and the traffic model's predictions for it (benchmarks.traffic_model);
 #   2. the Triton GPU tests: parity with the float64 reference, ten repeats bit-identical, no host
-#      sync in a steady-state step, CUDA-graph capture (the CUDA extension builds meanwhile);
-#   3. kernel time and wall time beside fused Adam on the ResNet-50 set and the NYU model
-#      (benchmarks.device_time), and DRAM bytes per param under ncu where it is installed;
+#      sync in a steady-state step, CUDA-graph capture (the CUDA extension builds meanwhile, and
+#      its build log holds ptxas's registers and spills per kernel);
+#   3. kernel time and wall time of the Triton and CUDA backends beside fused Adam on the ResNet-50
+#      set and the NYU model (benchmarks.device_time, after the CUDA build), and DRAM bytes per
+#      param of one whole step of each backend under ncu where it is installed;
 #   4. the report, interleaved wall time against fused Adam and the unfused steps, written to
 #      OUTDIR/RESULTS-cuda.md (copy it to benchmarks/);
 #   5. the CUDA backend's tests;
@@ -52,18 +54,21 @@ TAIL_LINES=10 stage traffic_model 60 $python -m benchmarks.traffic_model --sms "
 stage cuda_build 240 $python -m lomt_kernels.kernels.cuda --compile-only &
 build=$!
 stage triton_tests 120 $python -m pytest -q -p no:cacheprovider $parallel tests/test_kernels_triton.py
+wait $build  # the CUDA backend's rows below need its extension built
 TAIL_LINES=30 stage device_time_resnet50 45 $python -m benchmarks.device_time --set resnet50-convs --repeats 5 --output "$out/device_time_resnet50.md"
 TAIL_LINES=30 stage device_time_nyu 45 $python -m benchmarks.device_time --set nyu-3task --repeats 5 --output "$out/device_time_nyu.md"
 if command -v ncu >/dev/null; then
-    for prox in group group_weighted; do
-        TAIL_LINES=12 stage "ncu_$prox" 40 ncu --kernel-name regex:step_kernel --launch-skip 2 --launch-count 1 \
-            --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct \
-            $python -c "from benchmarks.baselines import Method, fused_spec; from benchmarks.params import build_set; m = Method(fused_spec('triton', '$prox'), build_set('resnet50-convs', 'cuda')); [m.timed_step() for _ in range(3)]; print('params', m.pset.numel)"
+    # One whole step (every launch of it) between cudaProfilerStart and Stop, after two warm steps.
+    for backend in triton cuda; do
+        for prox in group group_weighted; do
+            TAIL_LINES=16 stage "ncu_${backend}_$prox" 40 ncu --profile-from-start off \
+                --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct \
+                $python -c "import torch; from benchmarks.baselines import Method, fused_spec; from benchmarks.params import build_set; m = Method(fused_spec('$backend', '$prox'), build_set('resnet50-convs', 'cuda')); [m.timed_step() for _ in range(2)]; m.restore(); torch.cuda.cudart().cudaProfilerStart(); m.step(); torch.cuda.cudart().cudaProfilerStop(); print('params', m.pset.numel)"
+        done
     done
 fi
 stage report 75 $python -m benchmarks.report --device cuda ${REPORT_ARGS:---sets resnet50-convs,nyu-3task --repeats 9} --output "$out/RESULTS-cuda.md"
-wait $build
-stage cuda_tests 40 $python -m pytest -q -p no:cacheprovider $parallel -k "not extension_compiles" tests/test_kernels_cuda.py
+stage cuda_tests 75 $python -m pytest -q -p no:cacheprovider $parallel -k "not extension_compiles" tests/test_kernels_cuda.py
 TAIL_LINES=6 stage paper_training 90 $python -m lomt_train nyu --tasks seg,normal,depth --synthetic --paper --seeds 0 \
     --epochs 2 --lambda 1e-4 --out "$out/paper-run"
 $python - "$out" <<'EOF' | tee -a "$out/summary.log"

@@ -298,14 +298,14 @@ class FusedGroupProxAdam(Optimizer):
             for device, idx in by_device.items():
                 name, step_fn = backends.resolve(group["backend"], device)
                 tensors = [[ts[i] for i in idx] for ts in (params, grads, exp_avgs, exp_avg_sqs, steps)]
-                if name == "triton":
-                    # The kernel bumps the steps and reads lr, grad_scale and found_inf itself:
+                if name in ("triton", "cuda"):
+                    # The kernels bump the steps and read lr, grad_scale and found_inf themselves:
                     # nothing here waits for the device.
                     step_fn(*tensors, lr=group["lr"], **hyper, grad_scale=_on(device, grad_scale),
                             found_inf=_on(device, found_inf), increment_steps=True)
                     continue
                 if group["capturable"]:
-                    raise RuntimeError(f"capturable=True needs the triton backend; this group resolved to {name!r}")
+                    raise RuntimeError(f"capturable=True needs the triton backend (or cuda); this group resolved to {name!r}")
                 if found_inf is not None and bool(found_inf):
                     continue
                 torch._foreach_add_(tensors[4], 1)

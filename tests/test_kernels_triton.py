@@ -405,23 +405,26 @@ def test_steps_counted_in_the_kernel(small_items, prox):
     assert [float(s) for s in state.steps] == [10.0 + STEPS, 14.0 + STEPS, 10.0 + STEPS]
 
 
-@pytest.mark.parametrize("found", [0.0, 1.0])
-def test_found_inf_skips_the_step_on_the_device(small_items, found):
+def run_found_inf(step_fn: Callable[..., None], state: State, prox: str, found: float) -> None:
     """GradScaler's ``found_inf``: a nonzero one leaves params, moments and step counts as they
-    were; zero changes nothing in the step."""
-    state = State(["conv3x3", "bias", "conv1x1"], "in_channel", torch.float32, DEVICE)
+    were; zero changes nothing in the step (which counts the steps itself)."""
     state.new_grads()
     before = [[t.clone() for t in ts] for ts in state.tensors()]
-    kwargs = hyper("group_weighted", "in_channel")
-    triton_backend.group_prox_adam(*state.tensors(), **kwargs, found_inf=torch.tensor(found, device=DEVICE),
-                                   increment_steps=True)
+    kwargs = hyper(prox, "in_channel")
+    step_fn(*state.tensors(), **kwargs, found_inf=torch.tensor(found, device=state.params[0].device), increment_steps=True)
     unchanged = all(torch.equal(a, b) for ts, bs in zip(state.tensors(), before) for a, b in zip(ts, bs))
     assert unchanged == bool(found)
     if not found:
         expected = [[t.double() for t in ts] for ts in before[:4]]
-        reference.group_prox_adam(*expected, [s + 1 for s in before[4]], **kwargs)
+        reference.group_prox_adam(*expected, [s.cpu() + 1 for s in before[4]], **kwargs)
         for i, (ours, theirs) in enumerate(zip(state.params, expected[0])):
             assert_close_to_reference(ours, theirs, f"tensor {i} p")
+
+
+@pytest.mark.parametrize("found", [0.0, 1.0])
+def test_found_inf_skips_the_step_on_the_device(small_items, found):
+    state = State(["conv3x3", "bias", "conv1x1"], "in_channel", torch.float32, DEVICE)
+    run_found_inf(triton_backend.group_prox_adam, state, "group_weighted", found)
 
 
 def test_repeats_are_bit_identical(small_items):
@@ -586,18 +589,15 @@ def test_multi_item_slabs_at_real_sizes(prox):
         assert_some_groups_zero_and_some_not(masks)
 
 
-@cuda_only
-@pytest.mark.parametrize("prox", PROXES)
-def test_steady_state_step_never_syncs(prox):
-    """``FusedGroupProxAdam.step`` after the first step, with fresh gradients each step and a
-    GradScaler-style ``grad_scale``/``found_inf``: no host sync (torch raises on one)."""
+def run_steady_state_without_sync(backend: str, prox: str, shapes: list[tuple[int, ...]], device: torch.device) -> None:
+    """``FusedGroupProxAdam(backend=backend).step`` after the first step, with fresh gradients
+    each step and a GradScaler-style ``grad_scale``/``found_inf``: no host sync (torch raises on one)."""
     from lomt_kernels import FusedGroupProxAdam
 
-    shapes = [(64, 32, 3, 3), (256, 64, 1, 1), (64,), (10, 64)]
-    params = [torch.nn.Parameter(torch.randn(shape, device=DEVICE)) for shape in shapes]
-    opt = FusedGroupProxAdam(params, lr=torch.tensor(1e-3, device=DEVICE), lambda_=1e-3, prox=prox, backend="triton")
-    opt.grad_scale = torch.tensor(4.0, device=DEVICE)
-    opt.found_inf = torch.tensor(0.0, device=DEVICE)
+    params = [torch.nn.Parameter(torch.randn(shape, device=device)) for shape in shapes]
+    opt = FusedGroupProxAdam(params, lr=torch.tensor(1e-3, device=device), lambda_=1e-3, prox=prox, backend=backend)
+    opt.grad_scale = torch.tensor(4.0, device=device)
+    opt.found_inf = torch.tensor(0.0, device=device)
     for step in range(4):
         opt.zero_grad(set_to_none=True)
         for p in params:
@@ -612,19 +612,29 @@ def test_steady_state_step_never_syncs(prox):
 
 
 @cuda_only
-@pytest.mark.parametrize("prox", ["group", "group_weighted"])
-def test_ten_repeats_at_real_sizes_are_bit_identical(prox):
-    """The ResNet-50 conv shapes, one step from one state ten times: the same bits each time
-    (a race between items, or float atomics, would show as differences)."""
-    shapes = sorted(set(resnet50_conv_shapes()))
+@pytest.mark.parametrize("prox", PROXES)
+def test_steady_state_step_never_syncs(prox):
+    run_steady_state_without_sync("triton", prox, [(64, 32, 3, 3), (256, 64, 1, 1), (64,), (10, 64)], DEVICE)
+
+
+def run_ten_repeats(step_fn: Callable[..., None], prox: str, shapes: list[tuple[int, ...]], device: torch.device) -> None:
+    """One step (counted by the kernel) from one state ten times: the same bits each time (a race
+    between blocks, or float atomics, would show as differences)."""
     results = []
     for _ in range(10):
-        state = State([(shape, "contiguous") for shape in shapes], "in_channel", torch.float32, DEVICE, seed=1)
-        state.steps = [s.to(DEVICE) for s in state.steps]
+        state = State([(shape, "contiguous") for shape in shapes], "in_channel", torch.float32, device, seed=1)
+        state.steps = [s.to(device) for s in state.steps]
         state.new_grads()
-        triton_backend.group_prox_adam(*state.tensors(), **hyper(prox, "in_channel"), increment_steps=True)
+        step_fn(*state.tensors(), **hyper(prox, "in_channel"), increment_steps=True)
         results.append(torch.cat([p.flatten() for p in state.params]))
     assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+@cuda_only
+@pytest.mark.parametrize("prox", ["group", "group_weighted"])
+def test_ten_repeats_at_real_sizes_are_bit_identical(prox):
+    """The ResNet-50 conv shapes (:func:`run_ten_repeats`)."""
+    run_ten_repeats(triton_backend.group_prox_adam, prox, sorted(set(resnet50_conv_shapes())), DEVICE)
 
 
 def run_resnet50_shapes(step_fn: Callable[..., None], prox: str, device: torch.device) -> None:

@@ -148,6 +148,7 @@ def load_extension(
     extra_ldflags: Sequence[str] = (),
     python_module: bool = False,
     prepare_build: Callable[[], object] | None = None,
+    verbose: bool = False,
 ) -> ModuleType | str:
     """Load the extension made of ``csrc/<sources>``: prebuilt, cached, or built now.
 
@@ -155,7 +156,8 @@ def load_extension(
     the shared library, loaded with :func:`torch.ops.load_library` (an extension that only
     registers ``TORCH_LIBRARY`` ops). Calls after the first return the same result at once.
     ``prepare_build`` runs before :func:`torch.utils.cpp_extension.load` (not for a prebuilt
-    library) and raises :class:`ExtensionUnavailable` if that cannot build.
+    library) and raises :class:`ExtensionUnavailable` if that cannot build. ``verbose`` prints the
+    compilers' output (for instance ptxas's resource report) to stdout when it compiles.
 
     Raises:
         ExtensionUnavailable: the build or the load failed; the message is the reason, and a
@@ -183,7 +185,7 @@ def load_extension(
                         prepare_build()
                     _loaded[name] = _build_and_load(
                         name, versioned, paths, list(extra_cflags), list(extra_cuda_cflags), list(extra_ldflags),
-                        python_module,
+                        python_module, verbose,
                     )
             except ExtensionUnavailable as exc:
                 _loaded[name] = exc
@@ -217,7 +219,7 @@ def _load_library(versioned: str, library: Path, python_module: bool) -> ModuleT
 
 def _build_and_load(
     name: str, versioned: str, sources: list[Path], cflags: list[str], cuda_cflags: list[str],
-    ldflags: list[str], python_module: bool,
+    ldflags: list[str], python_module: bool, verbose: bool = False,
 ) -> ModuleType | str:
     extension = cpp_extension()
     try:
@@ -239,7 +241,7 @@ def _build_and_load(
             extra_ldflags=ldflags,
             build_directory=str(directory),
             is_python_module=python_module,
-            verbose=False,
+            verbose=verbose,
         )
     except Exception as exc:  # compiler missing, compile errors, loader errors: all a reason
         raise ExtensionUnavailable(f"building {name} failed: {_summary(exc)} (build directory {directory})") from exc

@@ -1,11 +1,15 @@
-"""The ``"cuda"`` backend: the fused proximal Adam step as a CUDA C++ extension.
+"""The ``"cuda"`` backend: the fused proximal Adam step as a CUDA C++ extension, the fallback
+where Triton is missing.
 
-The kernels are in ``csrc/group_prox_adam_cuda.cu`` (its header comment gives the tile design
-and the bytes moved); this module prepares the tensors (:mod:`~lomt_kernels.kernels.prepare`),
-computes the bias corrections in float64 and calls the extension, which
-:func:`~lomt_kernels.kernels._extension.load_extension` builds on first use (about two minutes;
-later processes load the cached build). Same maths and float32 arithmetic as the ``"triton"``
-backend; one launch per tensor (two or three for groups too big for shared memory).
+It runs on the host path the ``"triton"`` backend runs on (:mod:`~lomt_kernels.kernels.device_table`):
+launches cached per set of tensors and found again by their data pointers, the grads' column
+refreshed asynchronously when they move, step counts (float32 on the params' device), bias
+corrections, ``lr``, ``grad_scale`` and ``found_inf`` read by the kernels, so a steady-state step
+makes no host sync. Per param group and dtype a step is at most three launches over every tensor
+(:mod:`~lomt_kernels.kernels.cuda_plan` plans them; ``csrc/group_prox_adam_cuda.cu``'s header
+comment gives the kernels' design). Same maths and float32 arithmetic as the ``"triton"`` backend.
+:func:`~lomt_kernels.kernels._extension.load_extension` builds the extension on first use (a few
+minutes; later processes load the cached build).
 
 Compile without a GPU (a CI check)::
 
@@ -18,24 +22,21 @@ no device is queried and a different list builds a different cached library.
 
 from __future__ import annotations
 
-import math
 import os
 from types import ModuleType
 
 import torch
 from torch import Tensor
 
+from . import cuda_plan, device_table
 from ._extension import ExtensionUnavailable, load_extension
 from .cuda_toolkit import use_cuda_home
-from .prepare import float64_on_reference, work_tensors, write_back
+from .device_table import COUNTS, Entry, Hyper, TensorTable
 
 EXTENSION_NAME = "group_prox_adam_cuda"
 SOURCES = ("group_prox_adam_cuda.cu", "group_prox_adam_cuda_bindings.cpp")
 #: Architectures built when ``TORCH_CUDA_ARCH_LIST`` is unset: A100 and H100 class GPUs.
 DEFAULT_ARCH_LIST = "8.0;9.0"
-
-# The prox codes of csrc/group_prox_adam_cuda.cu.
-_PROX_CODE = {"none": 0, "group": 1, "group_weighted": 2, "l1": 3}
 
 
 def arch_flags() -> list[str]:
@@ -52,15 +53,19 @@ def arch_flags() -> list[str]:
 
 def build_flags() -> dict[str, list[str]]:
     """The compiler flags, as :func:`~lomt_kernels.kernels._extension.load_extension` takes them."""
-    return {"extra_cflags": ["-O3"], "extra_cuda_cflags": ["-O3", "-lineinfo", *arch_flags()]}
+    # ptxas's resource report (registers, spills) reaches the output only in a verbose build.
+    return {"extra_cflags": ["-O3"], "extra_cuda_cflags": ["-O3", "-lineinfo", "-Xptxas=-v", *arch_flags()]}
 
 
-def build() -> ModuleType:
-    """Build (first use) and load the extension; needs the CUDA toolkit, not a GPU.
+def build(verbose: bool = False) -> ModuleType:
+    """Build (first use) and load the extension; needs the CUDA toolkit, not a GPU. ``verbose``
+    prints the compilers' output, ptxas's registers and spills per kernel included, if it compiles.
 
     Raises :class:`~lomt_kernels.kernels._extension.ExtensionUnavailable` with the reason.
     """
-    module = load_extension(EXTENSION_NAME, SOURCES, **build_flags(), python_module=True, prepare_build=use_cuda_home)
+    module = load_extension(
+        EXTENSION_NAME, SOURCES, **build_flags(), python_module=True, prepare_build=use_cuda_home, verbose=verbose
+    )
     assert isinstance(module, ModuleType)
     return module
 
@@ -85,7 +90,7 @@ def group_prox_adam(
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
     *,
-    lr: float,
+    lr: float | Tensor,
     beta1: float,
     beta2: float,
     eps: float,
@@ -96,39 +101,83 @@ def group_prox_adam(
     prox: str,
     grouping: str,
     grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    capturable: bool = False,
+    increment_steps: bool = False,
 ) -> None:
     """One proximal Adam step, in place, with the CUDA extension (the ``"cuda"`` backend).
 
-    Same signature and semantics as :func:`lomt_kernels.reference.group_prox_adam`. Grads of
-    another dtype than their param are cast to it; float64 params take the reference path.
+    Same signature and semantics as :func:`lomt_kernels.kernels.triton_group_adam.group_prox_adam`:
+    ``state_steps`` are one-element float32 tensors on the params' device (the counts before this
+    step with ``increment_steps``, which the kernels then increment), ``lr`` a float or a 0-d
+    tensor, a nonzero ``found_inf`` leaves everything unchanged; every step after the first with
+    the same tensors is capturable (``capturable`` changes nothing). Grads of another dtype than
+    their param are cast to it on copies; float64 params take the reference path.
     """
-    lr = float(lr)
-    float64_on_reference(
-        params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+    del capturable  # every step is capturable
+    device_table.step(
+        BACKEND, params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
         weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
-        lambda_=lambda_, prox=prox, grouping=grouping, grad_scale=grad_scale,
+        lambda_=lambda_, prox=prox, grouping=grouping, grad_scale=grad_scale, found_inf=found_inf,
+        increment_step=increment_steps,
     )
-    works = work_tensors(
-        params, grads, exp_avgs, exp_avg_sqs, prox=prox, lambda_=lambda_, grouping=grouping,
-        grad_dtype="cast",
-    )
-    if not works:
-        return
-    # The step counts live on the device (as torch's fused Adam keeps them): one read for all.
-    steps = torch.stack([state_steps[i] for i in works]).tolist()
-    build().group_prox_adam(
-        [w.p for w in works.values()],
-        [w.g for w in works.values()],
-        [w.m for w in works.values()],
-        [w.v for w in works.values()],
-        [size for w in works.values() for size in w.layout],
-        [_PROX_CODE[w.prox] for w in works.values()],
-        [lr / (1 - beta1**step) for step in steps],
-        [math.sqrt(1 - beta2**step) for step in steps],
-        lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize, lambda_,
-        None if grad_scale is None else grad_scale.to(torch.float32),
-    )
-    write_back(params, exp_avgs, exp_avg_sqs, works)
+
+
+#: Columns of the tensor table after the shared ones (``Column`` in the .cu, from ``kA``).
+TENSOR_COLUMNS = ("A", "B", "K", "tile_a", "tile_g", "tile_k", "pitch", "prox", "one_pass", "partial0", "stat0",
+                  "blocks")
+
+
+def tensor_columns(plan: cuda_plan.CudaPlan, layouts: list) -> list[list[int]]:
+    """The rows of :data:`TENSOR_COLUMNS` for the tensors of ``plan``."""
+    return [
+        [*layout, tile.ba, tile.bg, tile.bk, tile.pitch, cuda_plan.PROX_CODE[prox], int(tile.one_pass),
+         plan.partial_offsets[t], plan.stat_offsets[t], plan.tensor_blocks[t]]
+        for t, (layout, tile, prox) in enumerate(zip(layouts, plan.tiles, plan.proxes))
+    ]
+
+
+class Launch:
+    """The kernels of one ``(param dtype)`` launch group over fixed tensors: its plan, tables,
+    scratch and per-tensor block counters (zero between steps: the last block of a tensor
+    resets its own)."""
+
+    def __init__(self, index: list[int], entries: list[Entry], g_dtype: torch.dtype, hyper: Hyper) -> None:
+        device = entries[0][0].device
+        self.index = index
+        self.prox = cuda_plan.PROX_CODE[hyper.prox]
+        layouts = [layout for *_, layout, _ in entries]
+        self.plan = cuda_plan.build_plan(layouts, [prox for *_, prox in entries])
+        self.table = TensorTable(entries, g_dtype, tensor_columns(self.plan, layouts), "cuda")
+        self.launch_blocks = [len(blocks) for blocks in self.plan.blocks]
+        self.blocks = torch.tensor([pair for blocks in self.plan.blocks for pair in blocks], dtype=torch.int32).to(device)
+        self.counters = torch.zeros(len(entries), dtype=torch.int32, device=device)
+        self.partials = torch.empty(max(1, self.plan.partials), dtype=torch.float32, device=device)
+        self.stats = torch.empty(max(1, self.plan.stats), dtype=torch.float32, device=device)
+        self.extension = build()
+
+    def run(self, *, lr: float | Tensor, beta1: float, beta2: float, eps: float, weight_decay: float,
+            lambda_: float, maximize: bool, decoupled_weight_decay: bool, grad_scale: Tensor | None,
+            found_inf: Tensor | None, increment_step: bool) -> None:
+        """Launch the plan's kernels (at most three) on the current stream."""
+        lr_tensor = lr if isinstance(lr, Tensor) else None
+        COUNTS["launches"] += self.plan.launches
+        self.extension.group_prox_adam(
+            self.table.p_anchor, self.table.g_anchor, self.table.step_anchor, self.table.table, self.blocks,
+            self.counters, self.partials, self.stats, self.launch_blocks, self.plan.smem_bytes, self.prox,
+            _float32(lr_tensor), _float32(grad_scale), _float32(found_inf), 0.0 if lr_tensor is not None else float(lr),
+            float(lambda_), float(beta1), float(beta2), float(eps), float(weight_decay), decoupled_weight_decay,
+            maximize, increment_step,
+        )
+
+
+def _float32(t: Tensor | None) -> Tensor | None:
+    """A device scalar as the kernels read it (float32; a cast only for other dtypes)."""
+    return t if t is None or t.dtype == torch.float32 else t.float()
+
+
+#: The cuda backend of the shared host path.
+BACKEND = device_table.Backend("cuda", Launch, grads_of_param_dtype=True)
 
 
 if __name__ == "__main__":
@@ -139,4 +188,4 @@ if __name__ == "__main__":
     parser.add_argument("--compile-only", action="store_true", required=True)
     parser.parse_args()
     start = time.perf_counter()
-    print(f"built {build().__file__} in {time.perf_counter() - start:.0f} s")
+    print(f"built {build(verbose=True).__file__} in {time.perf_counter() - start:.0f} s")

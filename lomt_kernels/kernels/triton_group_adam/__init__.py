@@ -2,9 +2,10 @@ r"""The ``"triton"`` backend: the proximal Adam step in one launch per param gro
 
 * :mod:`.plan` cuts the tensors into slabs of whole groups and items of one tile, in ticket order;
 * :mod:`.kernel` is the one Triton kernel that runs every item (its docstring gives the maths);
-* :mod:`.launch` is the host path: launch plans cached per set of tensors, step counts, bias
-  corrections, ``lr``, ``grad_scale`` and ``found_inf`` read on the device, so a steady-state step
-  makes no host sync and no table build.
+* :mod:`.launch` builds the launch and calls the kernel; the host path around it
+  (:mod:`lomt_kernels.kernels.device_table`, shared with the ``"cuda"`` backend) caches launch
+  plans per set of tensors and leaves step counts, bias corrections, ``lr``, ``grad_scale`` and
+  ``found_inf`` to the device, so a steady-state step makes no host sync and no table build.
 
 Eager calls launch the kernel directly; under ``torch.compile`` the step is the custom op
 ``torch.ops.lomt.triton_group_prox_adam_``, so the compiler sees one opaque mutating op.
@@ -21,6 +22,7 @@ import torch
 import triton
 from torch import Tensor
 
+from .. import device_table
 from . import kernel, launch
 from .launch import COUNTS, INTERPRETED
 from .plan import TileShape
@@ -81,14 +83,9 @@ def group_prox_adam(
         _step(*tensors, lr=lr, grad_scale=grad_scale, found_inf=found_inf, **hyper)
 
 
-def _step(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, grad_scale, found_inf, increment_steps, **hyper) -> None:
-    if not params:
-        return
-    if isinstance(lr, Tensor) and lr.device != params[0].device:
-        lr = float(lr)  # a CPU tensor: reading it does not wait for the device
-    launch.step(
-        params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=lr, grad_scale=grad_scale,
-        found_inf=found_inf, increment_step=increment_steps, **hyper,
+def _step(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, increment_steps, **hyper) -> None:
+    device_table.step(
+        launch.BACKEND, params, grads, exp_avgs, exp_avg_sqs, state_steps, increment_step=increment_steps, **hyper,
     )
 
 

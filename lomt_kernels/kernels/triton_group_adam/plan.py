@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from ...grouping import GroupLayout
+from ..device_table import VECTOR_BYTES
 
 #: Bytes of a tile's row (one slab row): two 128-byte lines.
 ROW_BYTES = 256
@@ -42,8 +43,6 @@ ROW_BYTES = 256
 ITEM_ELEMENTS = 1024
 #: Estimated programs resident per SM; with the SM count it sets the finisher lag (one wave).
 PROGRAMS_PER_SM = 2
-#: Bytes per element of a vectorised access (``ld.global.v4.b32``).
-VECTOR_BYTES = 16
 
 
 class ItemKind(enum.IntEnum):
