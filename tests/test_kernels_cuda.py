@@ -1,8 +1,9 @@
 """The ``"cuda"`` backend: it compiles without a GPU, and with one it matches the reference.
 
-The GPU tests use the step-by-step float64 comparison of ``test_kernels_triton.py`` (its module
-docstring states and justifies the tolerances, which hold for both backends: the same float32
-operations in the same order, the same Newton stopping rule).
+Its parity with the reference is the ``cuda`` row of ``tests/test_parity.py``; the GPU tests here
+reach the two-phase path and real sizes with the same step-by-step float64 comparison
+(``tests/parity.py`` states and justifies the tolerances, which hold for this backend: the same
+float32 operations in the same order as Triton's, the same Newton stopping rule).
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ import torch
 from lomt_kernels.kernels import cuda as cuda_backend
 from lomt_kernels.kernels import cuda_toolkit
 from lomt_kernels.kernels._extension import ExtensionUnavailable
-from test_kernels_triton import (
-    GROUPINGS, NONFINITE_CASES, OPTIONS, PROXES, SHAPES, State, assert_some_groups_zero_and_some_not, hyper,
-    run_nonfinite, run_options, run_resnet50_shapes, run_steps,
+from parity import (
+    NONFINITE_CASES, State, assert_some_groups_zero_and_some_not, hyper, resnet50_shapes, run_nonfinite, run_steps,
 )
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -65,38 +65,12 @@ def test_unavailable_without_a_cuda_device():
 
 
 @cuda_only
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("grouping", GROUPINGS)
-@pytest.mark.parametrize("prox", PROXES)
-def test_parity_with_reference(prox, grouping, dtype):
-    state = State(list(SHAPES), grouping, dtype, DEVICE)
-    masks = run_steps(cuda_backend.group_prox_adam, state, **hyper(prox, grouping))
-    if prox in ("group", "group_weighted"):
-        assert_some_groups_zero_and_some_not(masks)
-
-
-@cuda_only
-@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
-@pytest.mark.parametrize("prox", ["group", "group_weighted"])
-def test_options(prox, options):
-    run_options(cuda_backend.group_prox_adam, prox, options, DEVICE)
-
-
-@cuda_only
-@pytest.mark.parametrize("case", NONFINITE_CASES)
-@pytest.mark.parametrize("prox", PROXES)
-def test_nonfinite_values_match_reference(prox, case):
-    """One-pass tiles (for the group proxes), and the elementwise path of l1 and none."""
-    run_nonfinite(cuda_backend.group_prox_adam, ["conv3x3", "linear"], prox, case, DEVICE)
-
-
-@cuda_only
 @pytest.mark.parametrize("case", NONFINITE_CASES)
 @pytest.mark.parametrize("prox", ["group", "group_weighted"])
 def test_nonfinite_values_match_reference_in_two_phases(prox, case):
     """A group too big for shared memory (a tall Linear grouped by input) made non-finite: the
     two phases and the weighted prox's solve kernel."""
-    run_nonfinite(cuda_backend.group_prox_adam, [((20000, 24), "contiguous"), "conv3x3"], prox, case, DEVICE)
+    run_nonfinite(cuda_backend.step, [((20000, 24), "contiguous"), "conv3x3"], prox, case, torch.float32, DEVICE)
 
 
 @cuda_only
@@ -106,10 +80,10 @@ def test_two_phase_at_real_sizes(prox):
     wide one grouped by output (contiguous rows longer than a chunk), and next to them a
     tensor whose small groups take the one-pass path in the same call. float32 only: for
     16-bit params the two phases round z to the param dtype in between (one more rounding
-    than the module's one-ulp tolerance allows for)."""
+    than the parity suite's one-ulp tolerance allows for)."""
     for grouping, shape in (("in_channel", (20000, 24)), ("out_channel", (12, 20000))):
         state = State([(shape, "contiguous"), "conv3x3"], grouping, torch.float32, DEVICE)
-        masks = run_steps(cuda_backend.group_prox_adam, state, **hyper(prox, grouping))
+        masks = run_steps(cuda_backend.step, state, hyper(prox, grouping))
         assert_some_groups_zero_and_some_not(masks)
 
 
@@ -118,4 +92,5 @@ def test_two_phase_at_real_sizes(prox):
 def test_resnet50_conv_shapes(prox):
     """The real sizes: the weighted prox's [2048, 512, 1, 1] tile once asked for more shared
     memory than a block may have without opting in, and failed to launch."""
-    run_resnet50_shapes(cuda_backend.group_prox_adam, prox, DEVICE)
+    state = State(resnet50_shapes(), "in_channel", torch.float32, DEVICE)
+    assert_some_groups_zero_and_some_not(run_steps(cuda_backend.step, state, hyper(prox, "in_channel")))

@@ -25,6 +25,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from ..contract import AdamHyper, Prox, StepTensors
 from ._extension import ExtensionUnavailable, load_extension
 from .cuda_toolkit import use_cuda_home
 from .prepare import float64_on_reference, work_tensors, write_back
@@ -33,9 +34,6 @@ EXTENSION_NAME = "group_prox_adam_cuda"
 SOURCES = ("group_prox_adam_cuda.cu", "group_prox_adam_cuda_bindings.cpp")
 #: Architectures built when ``TORCH_CUDA_ARCH_LIST`` is unset: A100 and H100 class GPUs.
 DEFAULT_ARCH_LIST = "8.0;9.0"
-
-# The prox codes of csrc/group_prox_adam_cuda.cu.
-_PROX_CODE = {"none": 0, "group": 1, "group_weighted": 2, "l1": 3}
 
 
 def arch_flags() -> list[str]:
@@ -78,55 +76,43 @@ def unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def group_prox_adam(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    decoupled_weight_decay: bool,
-    maximize: bool,
-    lambda_: float,
-    prox: str,
-    grouping: str,
-    grad_scale: Tensor | None = None,
-) -> None:
-    """One proximal Adam step, in place, with the CUDA extension (the ``"cuda"`` backend).
+#: Each step reads ``lr``, ``found_inf`` and the step counts on the host.
+capturable = False
 
-    Same signature and semantics as :func:`lomt_kernels.reference.group_prox_adam`. Grads of
-    another dtype than their param are cast to it; float64 params take the reference path.
+
+def step(tensors: StepTensors, hyper: AdamHyper, lr: float | Tensor) -> None:
+    """One proximal Adam step, in place, with the CUDA extension (the ``"cuda"`` backend;
+    :mod:`lomt_kernels.contract`).
+
+    Grads of another dtype than their param are cast to it; float64 params take the reference path.
     """
+    if tensors.skipped():
+        return
+    tensors.count_step()
     lr = float(lr)
-    float64_on_reference(
-        params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-        weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
-        lambda_=lambda_, prox=prox, grouping=grouping, grad_scale=grad_scale,
-    )
+    params, grads, exp_avgs, exp_avg_sqs, state_steps = tensors.lists()
+    float64_on_reference(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=lr, hyper=hyper,
+                         grad_scale=tensors.grad_scale)
     works = work_tensors(
-        params, grads, exp_avgs, exp_avg_sqs, prox=prox, lambda_=lambda_, grouping=grouping,
+        params, grads, exp_avgs, exp_avg_sqs, prox=hyper.prox, lambda_=hyper.lambda_, grouping=hyper.grouping,
         grad_dtype="cast",
     )
     if not works:
         return
     # The step counts live on the device (as torch's fused Adam keeps them): one read for all.
     steps = torch.stack([state_steps[i] for i in works]).tolist()
+    h = hyper
     build().group_prox_adam(
         [w.p for w in works.values()],
         [w.g for w in works.values()],
         [w.m for w in works.values()],
         [w.v for w in works.values()],
         [size for w in works.values() for size in w.layout],
-        [_PROX_CODE[w.prox] for w in works.values()],
-        [lr / (1 - beta1**step) for step in steps],
-        [math.sqrt(1 - beta2**step) for step in steps],
-        lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize, lambda_,
-        None if grad_scale is None else grad_scale.to(torch.float32),
+        [Prox(w.prox).code for w in works.values()],
+        [lr / (1 - h.beta1**step) for step in steps],
+        [math.sqrt(1 - h.beta2**step) for step in steps],
+        lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.decoupled_weight_decay, h.maximize, h.lambda_,
+        None if tensors.grad_scale is None else tensors.grad_scale.to(torch.float32),
     )
     write_back(params, exp_avgs, exp_avg_sqs, works)
 

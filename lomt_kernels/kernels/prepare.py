@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from ..contract import Prox
 from ..grouping import GroupLayout, group_layout, is_grouped
 
 #: The dtypes the float32-arithmetic kernels take.
@@ -73,7 +74,7 @@ def work_tensors(
     """
     if grad_dtype not in GRAD_DTYPE_POLICIES:
         raise ValueError(f"unknown grad_dtype={grad_dtype!r}: expected one of {GRAD_DTYPE_POLICIES}")
-    group_prox = prox in ("group", "group_weighted")
+    group_prox = Prox(prox).grouped
     works = {}
     for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
         dtype = p.dtype
