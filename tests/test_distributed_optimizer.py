@@ -177,12 +177,17 @@ def _partial_grads_run(mesh) -> dict:
     return {"sharded": [p.full_tensor().detach() for p in sharded], "plain": [p.detach() for p in plain]}
 
 
+def _results(tmp_path_factory, name: str, worker) -> dict:
+    """What ``worker`` (run on :data:`WORLD` ranks) saved to its output file."""
+    tmp = tmp_path_factory.mktemp(name)
+    out = tmp / "results.pt"
+    spawned.run(worker, str(tmp / "init"), str(out), nprocs=WORLD)
+    return torch.load(out)
+
+
 @pytest.fixture(scope="module")
 def placement_results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("placements")
-    out = tmp / "results.pt"
-    spawned.run(_placements_worker, str(tmp / "init"), str(out), nprocs=WORLD)
-    return torch.load(out)
+    return _results(tmp_path_factory, "placements", _placements_worker)
 
 
 @pytest.mark.parametrize("grouping", GROUPINGS)
@@ -328,10 +333,7 @@ def _amp_run(mesh, rank: int) -> dict:
 
 @pytest.fixture(scope="module")
 def fsdp_results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("fsdp")
-    out = tmp / "results.pt"
-    spawned.run(_fsdp_worker, str(tmp / "init"), str(out), nprocs=WORLD)
-    return torch.load(out)
+    return _results(tmp_path_factory, "fsdp", _fsdp_worker)
 
 
 @pytest.mark.parametrize("grouping", GROUPINGS)

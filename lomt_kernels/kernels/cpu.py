@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ..contract import AdamHyper, StepTensors
-from ._extension import ExtensionUnavailable, load_extension
+from ._extension import build_failure, load_extension
 
 EXTENSION_NAME = "group_prox_adam_cpu"
 SOURCES = ("group_prox_adam_cpu.cpp",)
@@ -93,11 +93,7 @@ def unavailable_reason(device: torch.device) -> str | None:
     """``None`` if the fused CPU kernel can step params on ``device``, else what is missing."""
     if device.type != "cpu":
         return f"params are on {device.type}; the cpu backend steps CPU tensors only"
-    try:
-        build()
-    except ExtensionUnavailable as exc:
-        return str(exc)
-    return None
+    return build_failure(build)
 
 
 #: The op reads ``lr``, ``found_inf`` and the step counts on the host (CPU tensors: no device to wait for).

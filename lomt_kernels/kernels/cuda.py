@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..contract import AdamHyper, Prox, StepTensors
-from ._extension import ExtensionUnavailable, load_extension
+from ._extension import build_failure, load_extension
 from .cuda_toolkit import use_cuda_home
 from .prepare import float64_on_reference, work_tensors, write_back
 
@@ -69,11 +69,7 @@ def unavailable_reason(device: torch.device) -> str | None:
         return f"params are on {device.type}; the cuda backend steps CUDA tensors only"
     if not torch.cuda.is_available():
         return "no CUDA device is available"
-    try:
-        build()
-    except ExtensionUnavailable as exc:
-        return str(exc)
-    return None
+    return build_failure(build)
 
 
 #: Each step reads ``lr``, ``found_inf`` and the step counts on the host.
