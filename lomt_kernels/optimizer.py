@@ -29,6 +29,7 @@ _ADAM_OPTIONS: dict[str, Any] = {"amsgrad": False, "differentiable": False, "for
 # Keys that LR schedulers add to param groups.
 _SCHEDULER_KEYS = ("initial_lr", "max_lr", "min_lr", "base_lr", "base_momentum", "max_momentum")
 _STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
+_PROX_NAMES = tuple(p.value for p in Prox)
 
 
 def _check_params(params: Iterable[Tensor]) -> None:
@@ -95,8 +96,8 @@ def _check_hyperparameters(
         raise ValueError(f"invalid weight_decay={weight_decay}: it must be >= 0")
     if not lambda_ >= 0.0:
         raise ValueError(f"invalid lambda_={lambda_}: the sparsity strength must be >= 0")
-    if prox not in [p.value for p in Prox]:
-        raise ValueError(f"unknown prox={prox!r}: expected one of {[p.value for p in Prox]}")
+    if prox not in _PROX_NAMES:
+        raise ValueError(f"unknown prox={prox!r}: expected one of {_PROX_NAMES}")
     if grouping not in GROUPINGS:
         raise ValueError(f"unknown grouping={grouping!r}: expected one of {GROUPINGS}")
     if backend != "auto" and backend not in backends.BACKENDS:
