@@ -22,10 +22,9 @@ import sys
 import pytest
 import torch
 
-from benchmarks.params import resnet50_conv_shapes
-from lomt_kernels.grouping import GroupLayout, group_layout
 from lomt_kernels import reference
 from lomt_kernels.contract import StepTensors
+from lomt_kernels.grouping import GroupLayout, group_layout
 from parity import (
     GROUPINGS, LR, NONFINITE_CASES, PROX_NAMES, STEPS, TOLERANCES, State, assert_close,
     assert_some_groups_zero_and_some_not, check_found_inf, check_step, hyper, resnet50_shapes, run_nonfinite,
@@ -134,7 +133,7 @@ def test_plan_covers_every_element_once(itemsize):
 def test_resnet50_1x1_slabs_are_256_byte_vectorised_rows():
     """Every K = 1 slab of the ResNet-50 convs reads rows of 256 bytes that vectorise."""
     tile = plan.TileShape.for_itemsize(4)
-    for shape in resnet50_conv_shapes():
+    for shape, _ in resnet50_shapes():
         layout = group_layout(torch.empty(shape, device="meta"), "in_channel")
         if layout.inner == 1:
             for slab in plan.tensor_slabs(0, layout, 1, True, tile):
