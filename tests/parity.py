@@ -54,10 +54,12 @@ STEPS = 3
 
 
 class Tolerance(NamedTuple):
-    """``|actual - expected| <= atol_scale * max|expected| + rtol * |expected|`` (see the module docstring)."""
+    """``|actual - expected| <= atol + atol_scale * max|expected| + rtol * |expected|`` (see the
+    module docstring)."""
 
     rtol: float
     atol_scale: float
+    atol: float = 0.0
 
 
 ATOL_SCALE = 2.0**-18
@@ -166,7 +168,7 @@ def assert_close(actual: Tensor, expected: Tensor, tolerance: Tolerance, name: s
     ``expected`` has one, and the same strides."""
     assert actual.stride() == expected.stride() or actual.numel() == 0, f"{name}: strides differ"
     finite = expected[expected.isfinite()]
-    atol = tolerance.atol_scale * float(finite.abs().max()) if finite.numel() else 0.0
+    atol = tolerance.atol + (tolerance.atol_scale * float(finite.abs().max()) if finite.numel() else 0.0)
     torch.testing.assert_close(
         actual.double(), expected.to(actual.dtype).double(), rtol=tolerance.rtol, atol=atol,
         equal_nan=True, msg=lambda message: f"{name}: {message}",

@@ -31,7 +31,8 @@ from lomt_kernels.kernels import cpu
 from lomt_kernels.kernels._extension import ExtensionUnavailable, load_extension
 
 from parity import (  # noqa: E402
-    SHAPES, TOLERANCES, TRAJECTORY_FLOAT32, State, Tolerance, assert_all_close, hyper, run_trajectory, zero_groups,
+    PROX_NAMES, SHAPES, TOLERANCES, TRAJECTORY_FLOAT32, State, Tolerance, assert_all_close, assert_close, hyper,
+    run_trajectory, zero_groups,
 )
 
 #: The trajectories' lr and weight decay, and lambda_s that zero some groups (elements, for l1)
@@ -50,6 +51,32 @@ def extension() -> None:
     reason = cpu.unavailable_reason(torch.device("cpu"))
     if reason is not None:
         pytest.fail(f"the cpu extension must build on the test machine: {reason}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("grouping", GROUPINGS)
+@pytest.mark.parametrize("prox", PROX_NAMES)
+def test_half_precision_step_matches_the_float32_reference(prox: str, grouping: str, dtype: torch.dtype) -> None:
+    """Kernel and reference both compute in float32 from the same 16-bit inputs and round once to
+    the storage dtype. Their float32 results differ by ~1e-6 relative, which can move a value
+    across a rounding boundary, so they agree to one unit in the last place of the dtype: eps
+    relative, or one subnormal step near zero (tighter than the parity suite's bound against
+    float64, which must also cover the float32 rounding itself)."""
+    state = State(list(SHAPES), grouping, dtype, torch.device("cpu"))
+    state.new_grads()
+    wide = state.clone()
+    for name in ("params", "grads", "exp_avgs", "exp_avg_sqs"):
+        setattr(wide, name, [t.float() for t in getattr(wide, name)])
+    h = cpu_hyper(prox, grouping, lambda_={"none": 0.0, **LAMBDAS}[prox])
+    cpu.step(state.tensors(), h, LR)
+    reference.step(wide.tensors(), h, LR)
+    finfo = torch.finfo(dtype)
+    one_ulp = Tolerance(finfo.eps, 0.0, finfo.smallest_normal * finfo.eps)
+    for name in ("params", "exp_avgs", "exp_avg_sqs"):
+        ours, theirs = getattr(state, name), getattr(wide, name)
+        for i, (a, e) in enumerate(zip(ours, theirs)):
+            assert a.dtype == dtype
+            assert_close(a, e, one_ulp, f"{state.names[i]} {name}")
 
 
 #: Tensors from this many elements up are stepped by all threads at once, one row band (or
