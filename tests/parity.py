@@ -139,9 +139,11 @@ class State:
         return t.to(device=device, dtype=dtype)
 
     def new_grads(self) -> None:
-        """Fresh gradients, with the params' strides."""
+        """Fresh gradients, with the params' strides except a transposed param's, whose grads are
+        contiguous: every backend also sees grads whose strides differ from their param's."""
         self.grads = [
-            self._tensor(shape, fmt, p.dtype, p.device) for (shape, fmt), p in zip(self.layouts, self.params)
+            self._tensor(shape, "contiguous" if fmt == "transposed" else fmt, p.dtype, p.device)
+            for (shape, fmt), p in zip(self.layouts, self.params)
         ]
 
     def tensors(self, grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> StepTensors:
