@@ -43,9 +43,7 @@ from torch import Tensor
 
 from lomt_kernels import backends, reference
 from lomt_kernels.contract import AdamHyper, Backend, Prox, StepTensors
-from lomt_kernels.grouping import GROUPINGS, as_groups, group_dim
-
-__all__ = ["GROUPINGS"]  # re-exported: the parity tests parametrise over it
+from lomt_kernels.grouping import as_groups, group_dim
 
 #: Every prox by name, for ``parametrize`` (plain strings: they go into optimizer state dicts).
 PROX_NAMES = tuple(p.value for p in Prox)

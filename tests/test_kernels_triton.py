@@ -24,9 +24,9 @@ import torch
 
 from lomt_kernels import reference
 from lomt_kernels.contract import StepTensors
-from lomt_kernels.grouping import GroupLayout, group_layout
+from lomt_kernels.grouping import GROUPINGS, GroupLayout, group_layout
 from parity import (
-    GROUPINGS, LR, NONFINITE_CASES, PROX_NAMES, STEPS, TOLERANCES, State, assert_close,
+    LR, NONFINITE_CASES, PROX_NAMES, STEPS, TOLERANCES, State, assert_close,
     assert_some_groups_zero_and_some_not, check_found_inf, check_step, hyper, resnet50_shapes, run_nonfinite,
     run_steps, zero_groups,
 )

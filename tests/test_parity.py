@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from lomt_kernels.contract import AdamHyper, StepTensors
+from lomt_kernels.grouping import GROUPINGS
 from parity import (
-    GROUPINGS, LR, NONFINITE_CASES, OPTIONS, PROX_NAMES, SHAPES, State, assert_some_groups_zero_and_some_not,
+    LR, NONFINITE_CASES, OPTIONS, PROX_NAMES, SHAPES, State, assert_some_groups_zero_and_some_not,
     backend_row, check_found_inf, hyper, rows_and_dtypes, run_nonfinite, run_options, run_steps,
 )
 
