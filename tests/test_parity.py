@@ -57,6 +57,9 @@ def test_nonfinite_values_match_reference(info, dtype, prox, case, grouping):
     """The rule for non-finite values (reference.py): a group whose sums are not finite, and for
     l1 an element whose z is not, passes through as plain Adam leaves it. The 3x3 conv's poisoned
     group shares a vector with finite ones in the C++ kernel's register sums."""
+    if info.name == "triton" and info.device.type == "cpu" and grouping == "out_channel":
+        pytest.skip("in Triton's interpreter in-channel groups only: its time is the suite's largest cost, and "
+                    "out-channel groups take the same kernel path with another layout")
     run_nonfinite(info.backend().step, ["conv3x3", "linear"], prox, case, dtype, info.device, grouping)
 
 
