@@ -305,7 +305,8 @@ class FusedGroupProxAdam(Optimizer):
                         f"capturable=True needs the triton backend, whose steps make no host sync; this group "
                         f"resolved to {name!r}, which is not capturable"
                     )
-                on_device = tensors.select(idx)
+                # Usually one device holds the whole group: no lists to rebuild (host time every step).
+                on_device = tensors if len(idx) == len(params) else tensors.select(idx)
                 on_device.grad_scale, on_device.found_inf = _on(device, grad_scale), _on(device, found_inf)
                 backend.step(on_device, hyper, group["lr"])
             if sharded:

@@ -69,6 +69,8 @@ def _step(tensors: StepTensors, hyper: AdamHyper, lr: float | Tensor) -> None:
         increment_step=True, **_op_hyper(hyper),
     )
     # The launch path leaves empty params out, steps included; their counts go up here, on the device.
+    if all(map(Tensor.numel, tensors.params)):  # the usual case, checked at C speed (host time every step)
+        return
     empty = [s for p, s in zip(tensors.params, tensors.state_steps) if p.numel() == 0]
     if empty:
         found_inf = tensors.found_inf
