@@ -35,12 +35,15 @@ from torch import Tensor, nn
 
 from lomt_kernels import FusedGroupProxAdam
 from lomt_kernels.backends import BACKENDS, unavailable_reason
+from lomt_kernels.contract import Prox
 
 from .params import BETAS, EPS, LR, ParamSet
+from .timing import fused_adam
 
 #: Newton iterations of the published weighted prox (a fixed count, no convergence test).
 PUBLISHED_NEWTON_ITERS = 10
-PROXES = ("group", "group_weighted", "l1")
+#: The proxes benchmarked: all but ``none``, which is Adam.
+PROXES = tuple(p.value for p in Prox if p is not Prox.NONE)
 
 
 @dataclass(frozen=True)
@@ -234,14 +237,14 @@ class Method:
             # sum of the lr (pset.step * LR here): this reg_lambda gives our lr * lambda_ * sqrt(n_G).
             groups = [{"params": self.prox_params, "group_type": "Dim1Grouper", "prox_type": "ProxGroupLasso",
                        "reg_lambda": self.lambda_ / pset.step}]
-            base = torch.optim.Adam(groups + ([{"params": rest}] if rest else []), lr=LR, betas=BETAS, eps=EPS, fused=True)
+            base = fused_adam(groups + ([{"params": rest}] if rest else []), lr=LR, betas=BETAS, eps=EPS)
             self.optimizer = PruneOptimizer(base, warmup_steps=0)
         else:
             foreach = spec.key == "adam-foreach"
-            self.optimizer = torch.optim.Adam(
-                self.params, lr=LR, betas=BETAS, eps=EPS,
-                fused=not foreach, foreach=True if foreach else None,
-            )
+            if foreach:
+                self.optimizer = torch.optim.Adam(self.params, lr=LR, betas=BETAS, eps=EPS, foreach=True)
+            else:
+                self.optimizer = fused_adam(self.params, lr=LR, betas=BETAS, eps=EPS)
             state_step_on_device = not foreach
         for p, m, v in zip(self.params, pset.exp_avgs, pset.exp_avg_sqs):
             self.optimizer.state[p] = {

@@ -20,6 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from .baselines import FLOOR, WEIGHTED_TRAFFIC, Method, MethodSpec, error_summary, fused_spec, skip_reason
 from .params import ParamSet, build_set, step_gbs
+from .timing import paired_ratio, time_rounds
 
 #: The methods timed by default: the floor, the traffic yardstick and the GPU backends' steps.
 DEFAULT_SPECS = (
@@ -42,15 +43,20 @@ def kernel_times(method: Method) -> tuple[float, list[tuple[str, int, float]]]:
     return sum(ms for _, _, ms in kernels), kernels
 
 
-def measure(spec: MethodSpec, pset: ParamSet, repeats: int) -> list[str]:
-    """The markdown lines of one method: its row, then its longest kernels."""
+def measure(spec: MethodSpec, pset: ParamSet, repeats: int, floor: Method | None) -> list[str]:
+    """The markdown lines of one method: its row, then its longest kernels. ``floor`` (fused
+    Adam, ``None`` for itself) is timed just before each wall-clock round."""
     method = Method(spec, pset)
     method.timed_step()  # compiles and builds tables
-    wall = statistics.median(1e3 * method.timed_step() for _ in range(repeats))
+    paired = None if floor is None else (lambda: 1e3 * floor.timed_step())
+    walls, floors = time_rounds(lambda: 1e3 * method.timed_step(), paired, repeats)
+    wall = statistics.median(walls)
+    ratio = paired_ratio(walls, floors)
     profiled = [kernel_times(method) for _ in range(repeats)]
     device = statistics.median(ms for ms, _ in profiled)
-    lines = [f"| {spec.label} | {wall:.3f} | {device:.3f} | {step_gbs(pset.numel, device):,.0f} | {wall - device:.3f} |"]
-    lines += [f"|   {name[:80]} (×{count}) | | {ms:.3f} | | |" for name, count, ms in profiled[-1][1][:TOP_KERNELS]]
+    lines = [f"| {spec.label} | {wall:.3f} | {'1.00' if ratio is None else f'{ratio:.2f}'} | {device:.3f} | "
+             f"{step_gbs(pset.numel, device):,.0f} | {wall - device:.3f} |"]
+    lines += [f"|   {name[:80]} (×{count}) | | | {ms:.3f} | | |" for name, count, ms in profiled[-1][1][:TOP_KERNELS]]
     return lines
 
 
@@ -67,18 +73,21 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"### {args.set} on {torch.cuda.get_device_name()}: {pset.description}",
         "",
-        f"torch {torch.__version__}; medians of {args.repeats} steps from the same warm state.",
+        f"torch {torch.__version__}; medians of {args.repeats} steps from the same warm state; × Adam(fused): "
+        "the median of each wall-clock step's time over a fused-Adam step's timed just before it.",
         "",
-        "| method (then its longest kernels) | wall ms | kernel ms | GB/s at 28 B/param | wall - kernel ms |",
-        "|---|---:|---:|---:|---:|",
+        "| method (then its longest kernels) | wall ms | × Adam(fused) | kernel ms | GB/s at 28 B/param | wall - kernel ms |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
+    floor = Method(FLOOR[0], pset)
     for spec in DEFAULT_SPECS:
         start = len(lines)
         reason = skip_reason(spec, "cuda")
         try:
-            lines += [f"| {spec.label} | skipped: {reason} | | | |"] if reason else measure(spec, pset, args.repeats)
+            lines += ([f"| {spec.label} | skipped: {reason} | | | | |"] if reason
+                      else measure(spec, pset, args.repeats, None if spec is FLOOR[0] else floor))
         except Exception as exc:  # one backend's failure must not cost the other rows
-            lines.append(f"| {spec.label} | failed: {error_summary(exc)} | | | |")
+            lines.append(f"| {spec.label} | failed: {error_summary(exc)} | | | | |")
         print("\n".join(lines[start:]), flush=True)
     text = "\n".join(lines) + "\n"
     print()

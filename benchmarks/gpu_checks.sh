@@ -53,7 +53,7 @@ l2=$($python -c "import torch; print(getattr(torch.cuda.get_device_properties(0)
 TAIL_LINES=10 stage traffic_model 60 $python -m benchmarks.traffic_model --sms "$sms" --l2-mb "$l2"
 stage cuda_build 240 $python -m lomt_kernels.kernels.cuda --compile-only &
 build=$!
-stage triton_tests 120 $python -m pytest -q -p no:cacheprovider $parallel tests/test_kernels_triton.py
+stage triton_tests 150 $python -m pytest -q -p no:cacheprovider $parallel -k triton tests/test_kernels_triton.py tests/test_parity.py
 wait $build  # the CUDA backend's rows below need its extension built
 TAIL_LINES=30 stage device_time_resnet50 45 $python -m benchmarks.device_time --set resnet50-convs --repeats 5 --output "$out/device_time_resnet50.md"
 TAIL_LINES=30 stage device_time_nyu 45 $python -m benchmarks.device_time --set nyu-3task --repeats 5 --output "$out/device_time_nyu.md"
@@ -68,7 +68,7 @@ if command -v ncu >/dev/null; then
     done
 fi
 stage report 75 $python -m benchmarks.report --device cuda ${REPORT_ARGS:---sets resnet50-convs,nyu-3task --repeats 9} --output "$out/RESULTS-cuda.md"
-stage cuda_tests 75 $python -m pytest -q -p no:cacheprovider $parallel -k "not extension_compiles" tests/test_kernels_cuda.py
+stage cuda_tests 100 $python -m pytest -q -p no:cacheprovider $parallel -k "cuda and not extension_compiles" tests/test_kernels_cuda.py tests/test_parity.py
 TAIL_LINES=6 stage paper_training 90 $python -m lomt_train nyu --tasks seg,normal,depth --synthetic --paper --seeds 0 \
     --epochs 2 --lambda 1e-4 --out "$out/paper-run"
 $python - "$out" <<'EOF' | tee -a "$out/summary.log"

@@ -12,7 +12,7 @@ the same count and ranks, where its time is almost all host time too.
 Each step starts as a training step does: ``zero_grad(set_to_none=True)``, then new gradient
 tensors (allocated while the old ones are still held, so they land at new addresses: the worst
 case for a table keyed on addresses). Only ``optimizer.step()`` is timed, the two optimizers in
-alternating rounds. Per set and prox it prints the medians, their ratio, and per steady-state
+alternating rounds (:func:`benchmarks.timing.time_rounds`). Per set and prox it prints the medians, their ratio, and per steady-state
 step the kernel launches, launch plans built and gradient-column refreshes (one asynchronous
 host-to-device copy each on a GPU); the last line is the worst ratio.
 """
@@ -29,11 +29,11 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from benchmarks.baselines import PROXES  # noqa: E402
+from benchmarks.timing import fused_adam, time_rounds  # noqa: E402
 from lomt_kernels import FusedGroupProxAdam  # noqa: E402
 from lomt_kernels.kernels import triton_group_adam as triton_backend  # noqa: E402
 from lomt_kernels.kernels.triton_group_adam import kernel as triton_kernel  # noqa: E402
-
-PROXES = ("group", "group_weighted", "l1")
 
 
 class _StubKernel:
@@ -97,19 +97,12 @@ def fused_group_prox_adam(prox: str):
     return make
 
 
-def fused_adam(params, prox_mask):
-    return torch.optim.Adam(params, lr=1e-3, fused=True)
-
-
 def measure(name: str, prox: str, rounds: int, steps: int) -> dict:
     shapes = model_shapes(name)
     ours = Setup(shapes, fused_group_prox_adam(prox))
-    adam = Setup(shapes, fused_adam)
-    ours_us, adam_us = [], []
+    adam = Setup(shapes, lambda params, _: fused_adam(params, lr=1e-3))
     before = dict(triton_backend.COUNTS)
-    for _ in range(rounds):
-        ours_us.append(ours.timed_steps(steps))
-        adam_us.append(adam.timed_steps(steps))
+    ours_us, adam_us = time_rounds(lambda: ours.timed_steps(steps), lambda: adam.timed_steps(steps), rounds)
     per_step = {key: (triton_backend.COUNTS[key] - before.get(key, 0)) / (rounds * steps)
                 for key in ("launches", "builds", "grad_refreshes")}
     return dict(set=name, prox=prox, tensors=len(shapes), ours_us=statistics.median(ours_us),

@@ -24,11 +24,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from .baselines import FLOOR, PUBLISHED_NEWTON_ITERS, Method, MethodSpec, all_specs, error_summary, skip_reason
 from .params import BYTES_PER_PARAM, SWEEP_SIZES_M, ParamSet, build_set, set_names, step_gbs
+from .timing import paired_ratio, time_round
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 #: Rounds of the slow published baseline, whatever ``--repeats`` says.
@@ -61,7 +63,7 @@ class Row:
             return 1.0
         if not self.floor_ms:
             return None
-        return statistics.median(t / f for t, f in zip(self.times_ms, self.floor_ms))
+        return paired_ratio(self.times_ms, self.floor_ms)
 
 
 @dataclass
@@ -106,9 +108,8 @@ def run_set(pset: ParamSet, device: str, repeats: int, log=print) -> SetResult:
         for row in rows:
             key = row.spec.key
             if row.skipped is None and k < rounds[key]:
-                if floor is not None and key != FLOOR_KEY:
-                    row.floor_ms.append(1e3 * floor.timed_step())
-                row.times_ms.append(1e3 * methods[key].timed_step())
+                paired = floor is not None and key != FLOOR_KEY
+                time_round(_ms_of(methods[key]), _ms_of(floor) if paired else None, row.times_ms, row.floor_ms)
     for row in rows:
         if row.skipped is None:
             row.zeroed = methods[row.spec.key].zero_group_fraction() if row.spec.prox != "none" else None
@@ -116,6 +117,11 @@ def run_set(pset: ParamSet, device: str, repeats: int, log=print) -> SetResult:
     methods.clear()
     gc.collect()
     return SetResult(pset.name, pset.description, pset.numel, rows)
+
+
+def _ms_of(method: Method) -> Callable[[], float]:
+    """A round of ``method``: one timed step, in ms."""
+    return lambda: 1e3 * method.timed_step()
 
 
 #: Bytes copied (and as many written) by :func:`copy_bandwidth`: far more than any GPU's L2.

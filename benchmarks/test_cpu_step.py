@@ -30,8 +30,6 @@ once, and the fused steps are checked against the reference backend's.
 
 from __future__ import annotations
 
-import statistics
-
 import pytest
 import torch
 
@@ -39,6 +37,7 @@ from benchmarks.baselines import (
     FLOOR, WEIGHTED_TRAFFIC, Method, MethodSpec, fused_spec, max_abs_diff, skip_reason,
 )
 from benchmarks.conftest import rounds, small_mode
+from benchmarks.timing import pedantic_against_floor
 
 ADAM = FLOOR[0]  # torch.optim.Adam(fused=True)
 SPECS = (ADAM, fused_spec("cpu", "group"), WEIGHTED_TRAFFIC, fused_spec("cpu", "group_weighted"))
@@ -63,23 +62,10 @@ def test_cpu_step(benchmark, param_set, spec: MethodSpec, request: pytest.Fixtur
         method=spec.label, params=pset.numel, lambda_=method.lambda_, threads=torch.get_num_threads(),
     )
     floor = None if spec is ADAM or small else Method(ADAM, pset)
-    floor_seconds: list[float] = []
-
-    def setup() -> None:
-        if floor is not None:
-            floor_seconds.append(floor.timed_step())
-        method.restore()
-
-    benchmark.pedantic(method.step, setup=setup, rounds=rounds(), warmup_rounds=WARMUP_ROUNDS)
-
-    if benchmark.stats is not None:
-        if floor is not None:
-            paired = floor_seconds[WARMUP_ROUNDS:]  # setup runs before the warm-up rounds too
-            ratios = [t / f for t, f in zip(benchmark.stats.stats.data, paired, strict=True)]
-            benchmark.extra_info["adam_fused_paired_median"] = statistics.median(paired)
-            benchmark.extra_info["ratio_to_adam_fused"] = statistics.median(ratios)
-        if spec.kind == "fused":
-            benchmark.extra_info["target_ratio"] = TARGET_RATIO[spec.prox]
+    pedantic_against_floor(benchmark, method.step, method.restore, None if floor is None else floor.timed_step,
+                           rounds=rounds(), warmup_rounds=WARMUP_ROUNDS)
+    if benchmark.stats is not None and spec.kind == "fused":
+        benchmark.extra_info["target_ratio"] = TARGET_RATIO[spec.prox]
     if spec.kind != "fused":
         return
     zeroed = method.zero_group_fraction()  # the last round's step, from the warm state

@@ -4,7 +4,9 @@
 on each param set (see :mod:`benchmarks.params`); results are grouped per device and set, so
 pytest-benchmark's table shows every method's ratio to the fastest one beside it.
 Every round starts from the set's warm state (params, gradients and Adam state copied back
-in, untimed), so each round does the same step and zeroes the same groups.
+in, untimed), so each round does the same step and zeroes the same groups; a fused-Adam step
+timed just before each round gives the paired ratio ``ratio_to_adam_fused``
+(:func:`benchmarks.timing.pedantic_against_floor`).
 
 With ``--benchmark-disable`` (or ``LOMT_BENCH_SMALL=1``) the sets are small and each method
 steps once, untimed, and the step is checked: fused results must match the unfused
@@ -20,6 +22,7 @@ from benchmarks.baselines import (
     FLOOR, UNFUSED, UNFUSED_FOR, Method, all_specs, max_abs_diff, skip_reason,
 )
 from benchmarks.conftest import devices, rounds, small_mode, suite_sets
+from benchmarks.timing import pedantic_against_floor
 
 #: Newton iterations for the converged published prox the fused weighted prox is checked against.
 CONVERGED_NEWTON_ITERS = 60
@@ -57,8 +60,9 @@ def test_step(benchmark, param_set, case, request):
         bytes_per_step=pset.bytes_per_step, threads=torch.get_num_threads(),
     )
     slow = spec.key == "published-weighted"
-    benchmark.pedantic(
-        method.step, setup=method.restore,
+    floor = None if spec is FLOOR[0] or small else Method(FLOOR[0], pset)
+    pedantic_against_floor(
+        benchmark, method.step, method.restore, None if floor is None else floor.timed_step,
         rounds=min(rounds(), 3) if slow else rounds(), warmup_rounds=0 if slow else 1,
     )
 

@@ -21,7 +21,6 @@ Fused Adam moves 28 bytes per float32 param, the floor for any Adam step.
 from __future__ import annotations
 
 import argparse
-import bisect
 from dataclasses import dataclass
 
 import torch
@@ -65,7 +64,7 @@ def predict(name: str, prox: str, sms: int, l2_bytes: float, newton_passes: int,
     for group in set_tensors(name):
         if not group:
             continue
-        hyper = launch.Hyper(prox if group[0][1] else "none", "in_channel", False, 0.9, 0.999)
+        hyper = launch.PlanKey(prox if group[0][1] else "none", "in_channel", False, 0.9, 0.999)
         tensors = [launch.layout_and_prox(torch.empty(shape, device="meta"), hyper) for shape, _ in group]
         work = launch.plan_launch(tensors, tile, hyper, sms)
         items += len(work.items)

@@ -1,9 +1,8 @@
-"""The one place where a backend name becomes a step function.
+"""The one place where a backend name becomes a :class:`~lomt_kernels.contract.Backend`.
 
-Every backend module exposes ``group_prox_adam`` with the signature of
-:func:`lomt_kernels.reference.group_prox_adam`, and ``unavailable_reason(device)``, which
-returns ``None`` when the backend can run on ``device`` and otherwise says what is missing.
-``backend="auto"`` falls back to the reference (``"torch"``) only with a warning that says why.
+Every backend module implements the contract in full (``step``, ``unavailable_reason`` and
+``capturable``; see :mod:`lomt_kernels.contract`). ``backend="auto"`` falls back to the reference
+(``"torch"``) only with a warning that says why.
 """
 
 from __future__ import annotations
@@ -11,9 +10,11 @@ from __future__ import annotations
 import functools
 import importlib
 import warnings
-from typing import Callable
+from typing import cast
 
 import torch
+
+from .contract import Backend
 
 BACKENDS = ("torch", "cpu", "triton", "cuda")
 
@@ -27,22 +28,25 @@ _MODULES = {
 _PREFERENCE = {"cpu": ("cpu", "torch"), "cuda": ("triton", "cuda", "torch")}
 
 
-def unavailable_reason(name: str, device: torch.device) -> str | None:
-    """``None`` if backend ``name`` can run on ``device``, else what is missing."""
+def load(name: str) -> Backend:
+    """The module of backend ``name`` (importing it; an ``ImportError`` if it cannot be)."""
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}: expected 'auto' or one of {BACKENDS}")
-    if name == "torch":
-        return None
+    return cast(Backend, importlib.import_module(_MODULES[name]))
+
+
+def unavailable_reason(name: str, device: torch.device) -> str | None:
+    """``None`` if backend ``name`` can run on ``device``, else what is missing."""
     try:
-        module = importlib.import_module(_MODULES[name])
+        backend = load(name)
     except ImportError as exc:  # e.g. triton not installed
         return f"importing {_MODULES[name]} failed: {exc}"
-    return module.unavailable_reason(device)
+    return backend.unavailable_reason(device)
 
 
 @functools.cache
-def resolve(name: str, device: torch.device) -> tuple[str, Callable[..., None]]:
-    """The backend to use for params on ``device``: ``(name, step_function)``.
+def resolve(name: str, device: torch.device) -> tuple[str, Backend]:
+    """The backend to use for params on ``device``: ``(name, backend)``.
 
     ``"auto"`` takes the first available backend in the order fastest first, and warns when
     that is the reference (the fused kernels cannot run: the warning gives each one's reason).
@@ -69,7 +73,7 @@ def resolve(name: str, device: torch.device) -> tuple[str, Callable[..., None]]:
                 f"backend {name!r} cannot run on {device}: {reason}. "
                 f"Use backend='auto' to pick one that can, or backend='torch' (the reference)."
             )
-    return name, importlib.import_module(_MODULES[name]).group_prox_adam
+    return name, load(name)
 
 
 def _fallback_message(device: torch.device, reasons: dict[str, str]) -> str:

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from . import backends
+from .contract import AdamHyper, StepTensors
 from .grouping import group_dim, is_grouped
 from .reference import GroupReduce, group_prox_adam_tensor
 
@@ -126,62 +127,46 @@ def align_state(param: Tensor, value: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def sharded_group_prox_adam(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    backend: str,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    decoupled_weight_decay: bool,
-    maximize: bool,
-    lambda_: float,
-    prox: str,
-    grouping: str,
-    grad_scale: Tensor | None = None,
-) -> None:
-    """One proximal Adam step, in place, for DTensor params, grads and moments.
+def sharded_step(tensors: StepTensors, hyper: AdamHyper, lr: float, *, backend: str) -> None:
+    """One proximal Adam step, in place, for DTensor params, grads and moments, with the
+    semantics of :mod:`lomt_kernels.contract` (the step counts go up by one unless ``found_inf``
+    is nonzero, which is read on the host).
 
-    The arguments are those of :func:`lomt_kernels.reference.group_prox_adam`, plus the
-    ``backend`` name (as in the param group) used for tensors that need no communication.
-    Grads with other placements than their param (``Partial()`` from a hand-written loop) are
-    redistributed to the param's first.
+    ``backend`` (the name in the param group) steps the local shards of tensors that need no
+    communication. Grads with other placements than their param (``Partial()`` from a
+    hand-written loop) are redistributed to the param's first.
     """
-    hyper = dict(
-        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-        decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, lambda_=lambda_,
-        prox=prox, grouping=grouping,
-    )
-    group_prox = prox in ("group", "group_weighted") and lambda_ != 0
+    if tensors.skipped():
+        return
+    group_prox = hyper.prox.grouped and hyper.lambda_ != 0
     local: dict[torch.device, list[tuple[Tensor, ...]]] = {}
-    for p, g, m, v, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
+    counted = []  # the steps not handed to a backend, which counts its own
+    for p, g, m, v, step_t in zip(*tensors.lists()):
         sharded_dims(p)  # validates the placements, whatever the prox
         if p.device_mesh.get_coordinate() is None or p.numel() == 0:
+            counted.append(step_t)
             continue  # this rank holds no part of p, or p is empty on every rank
         if not is_dtensor(g):
             raise TypeError(f"the gradient of a DTensor parameter must be a DTensor, got {type(g).__name__}")
         if g.placements != p.placements:
             g = g.redistribute(p.device_mesh, p.placements)
         shards = (p.to_local(), g.to_local(), m.to_local(), v.to_local(), step_t)
-        reduce = group_reduce(p, grouping) if group_prox else None
+        reduce = group_reduce(p, hyper.grouping) if group_prox else None
         if reduce is None:
             if shards[0].numel() != 0:
                 local.setdefault(shards[0].device, []).append(shards)
+            else:
+                counted.append(step_t)
             continue
-        gdim = group_dim(grouping)
-        scale = None if grad_scale is None else grad_scale.to(shards[0].device)
+        step_t += 1
+        scale = None if tensors.grad_scale is None else tensors.grad_scale.to(shards[0].device)
+        gdim = group_dim(hyper.grouping)
         group_prox_adam_tensor(
-            *shards, **hyper, grad_scale=scale, group_size=p.numel() // p.shape[gdim], reduce=reduce
+            *shards, hyper, lr, grad_scale=scale, group_size=p.numel() // p.shape[gdim], reduce=reduce
         )
-    for device, tensors in local.items():
-        _, step_fn = backends.resolve(backend, device)
-        p_l, g_l, m_l, v_l, s_l = (list(column) for column in zip(*tensors))
-        step_fn(
-            p_l, g_l, m_l, v_l, s_l, **hyper, grad_scale=None if grad_scale is None else grad_scale.to(device)
-        )
+    if counted:
+        torch._foreach_add_(counted, 1)
+    for device, rows in local.items():
+        _, step_backend = backends.resolve(backend, device)
+        scale = None if tensors.grad_scale is None else tensors.grad_scale.to(device)
+        step_backend.step(StepTensors(*(list(column) for column in zip(*rows)), grad_scale=scale), hyper, lr)

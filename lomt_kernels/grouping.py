@@ -23,7 +23,6 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-PROXES = ("none", "group", "group_weighted", "l1")
 GROUPINGS = ("in_channel", "out_channel")
 
 

@@ -9,7 +9,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import backends, distributed
-from .grouping import GROUPINGS, PROXES
+from .contract import AdamHyper, Prox, StepTensors
+from .grouping import GROUPINGS
 
 # Keys our param groups add to torch.optim.Adam's, with their defaults: filled in when a
 # state dict saved by torch.optim.Adam (or an older lomt) is loaded.
@@ -28,6 +29,7 @@ _ADAM_OPTIONS: dict[str, Any] = {"amsgrad": False, "differentiable": False, "for
 # Keys that LR schedulers add to param groups.
 _SCHEDULER_KEYS = ("initial_lr", "max_lr", "min_lr", "base_lr", "base_momentum", "max_momentum")
 _STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
+_PROX_NAMES = tuple(p.value for p in Prox)
 
 
 def _check_params(params: Iterable[Tensor]) -> None:
@@ -94,8 +96,8 @@ def _check_hyperparameters(
         raise ValueError(f"invalid weight_decay={weight_decay}: it must be >= 0")
     if not lambda_ >= 0.0:
         raise ValueError(f"invalid lambda_={lambda_}: the sparsity strength must be >= 0")
-    if prox not in PROXES:
-        raise ValueError(f"unknown prox={prox!r}: expected one of {PROXES}")
+    if prox not in _PROX_NAMES:
+        raise ValueError(f"unknown prox={prox!r}: expected one of {_PROX_NAMES}")
     if grouping not in GROUPINGS:
         raise ValueError(f"unknown grouping={grouping!r}: expected one of {GROUPINGS}")
     if backend != "auto" and backend not in backends.BACKENDS:
@@ -106,6 +108,16 @@ def _check_group(group: dict[str, Any]) -> None:
     _check_hyperparameters(
         group["lr"], group["betas"], group["eps"], group["weight_decay"],
         group["lambda_"], group["prox"], group["grouping"], group["backend"],
+    )
+
+
+def _hyper(group: dict[str, Any]) -> AdamHyper:
+    """The backend contract's record of a param group's hyperparameters."""
+    beta1, beta2 = group["betas"]
+    return AdamHyper(
+        beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+        decoupled_weight_decay=group["decoupled_weight_decay"], maximize=group["maximize"],
+        lambda_=group["lambda_"], prox=group["prox"], grouping=group["grouping"],
     )
 
 
@@ -161,9 +173,9 @@ class FusedGroupProxAdam(Optimizer):
         backend: ``"torch"`` (reference), ``"cpu"`` (fused C++), ``"triton"``, ``"cuda"`` or
             ``"auto"`` (fastest available for the params' device).
         capturable: insist that ``step()`` makes no host sync, so that it can be captured in a
-            CUDA graph: only the Triton backend guarantees it (its steps always are capturable
-            once one step with the same tensors has built the launch plan); any other backend
-            is then an error.
+            CUDA graph: only a backend that declares itself capturable (Triton and CUDA: their steps are, once
+            one step with the same tensors has built the launch plan) may then run the group;
+            any other is an error.
 
     The state dict has :class:`torch.optim.Adam`'s schema (``step``, ``exp_avg``,
     ``exp_avg_sq``; each step count a float32 tensor on its param's device, as torch's fused
@@ -208,6 +220,7 @@ class FusedGroupProxAdam(Optimizer):
         except ValueError:
             self.param_groups.pop()
             raise
+        group["prox"] = Prox(group["prox"]).value  # a plain str, so state dicts load with weights_only
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As :meth:`torch.optim.Optimizer.load_state_dict`, after checking the state with the
@@ -279,46 +292,26 @@ class FusedGroupProxAdam(Optimizer):
             params, grads, exp_avgs, exp_avg_sqs, steps, sharded = self._init_group(group)
             if not params:
                 continue
-            beta1, beta2 = group["betas"]
-            hyper = dict(
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                decoupled_weight_decay=group["decoupled_weight_decay"],
-                maximize=group["maximize"],
-                lambda_=group["lambda_"],
-                prox=group["prox"],
-                grouping=group["grouping"],
-            )
+            hyper = _hyper(group)
             by_device: dict[torch.device, list[int]] = {}
             for i, p in enumerate(params):
                 if i not in sharded:
                     by_device.setdefault(p.device, []).append(i)
+            tensors = StepTensors(params, grads, exp_avgs, exp_avg_sqs, steps)
             for device, idx in by_device.items():
-                name, step_fn = backends.resolve(group["backend"], device)
-                tensors = [[ts[i] for i in idx] for ts in (params, grads, exp_avgs, exp_avg_sqs, steps)]
-                if name in ("triton", "cuda"):
-                    # The kernels bump the steps and read lr, grad_scale and found_inf themselves:
-                    # nothing here waits for the device.
-                    step_fn(*tensors, lr=group["lr"], **hyper, grad_scale=_on(device, grad_scale),
-                            found_inf=_on(device, found_inf), increment_steps=True)
-                    continue
-                if group["capturable"]:
-                    raise RuntimeError(f"capturable=True needs the triton backend (or cuda); this group resolved to {name!r}")
-                if found_inf is not None and bool(found_inf):
-                    continue
-                torch._foreach_add_(tensors[4], 1)
-                step_fn(*tensors, lr=float(group["lr"]), **hyper, grad_scale=_on(device, grad_scale))
-            if sharded and not (found_inf is not None and bool(found_inf)):
+                name, backend = backends.resolve(group["backend"], device)
+                if group["capturable"] and not backend.capturable:
+                    raise RuntimeError(
+                        f"capturable=True needs a backend whose steps make no host sync (triton or cuda); this group "
+                        f"resolved to {name!r}, which is not capturable"
+                    )
+                # Usually one device holds the whole group: no lists to rebuild (host time every step).
+                on_device = tensors if len(idx) == len(params) else tensors.select(idx)
+                on_device.grad_scale, on_device.found_inf = _on(device, grad_scale), _on(device, found_inf)
+                backend.step(on_device, hyper, group["lr"])
+            if sharded:
                 # DTensor params (FSDP2, tensor parallel): local shards, with cross-rank group norms.
-                sharded_steps = [steps[i] for i in sorted(sharded)]
-                torch._foreach_add_(sharded_steps, 1)
-                distributed.sharded_group_prox_adam(
-                    *([tensors[i] for i in sorted(sharded)] for tensors in (params, grads, exp_avgs, exp_avg_sqs, steps)),
-                    backend=group["backend"],
-                    lr=float(group["lr"]),
-                    **hyper,
-                    grad_scale=grad_scale,
-                )
+                on_mesh = tensors.select(sorted(sharded))
+                on_mesh.grad_scale, on_mesh.found_inf = grad_scale, found_inf
+                distributed.sharded_step(on_mesh, hyper, float(group["lr"]), backend=group["backend"])
         return loss

@@ -4,7 +4,7 @@ Plain PyTorch ops, written as the maths reads. Every other backend is tested aga
 function run in float64. Lower-precision params are computed in float32 and rounded once on
 store, as the fused kernels do.
 
-Per tensor ``p`` with gradient ``g``, moments ``m``, ``v`` and step ``t`` (already incremented):
+Per tensor ``p`` with gradient ``g``, moments ``m``, ``v`` and step ``t`` (this step's count):
 
 .. math::
 
@@ -48,6 +48,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .contract import AdamHyper, Prox, StepTensors
 from .grouping import as_groups, from_groups, group_dim, group_threshold, is_grouped
 
 #: Newton iterations allowed for the weighted prox's scalar equation. The iteration is monotone
@@ -170,6 +171,28 @@ def l1_shrink(z: Tensor, threshold: float) -> Tensor:
     return z.sign() * (z.abs() - threshold).clamp_min(0)
 
 
+#: The reference needs no build and runs on any device; its steps read ``lr``, ``found_inf`` and
+#: the step counts on the host.
+capturable = False
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Always ``None``: plain PyTorch ops run wherever the params are."""
+    return None
+
+
+def step(tensors: StepTensors, hyper: AdamHyper, lr: float | Tensor) -> None:
+    """One proximal Adam step, in place (the ``"torch"`` backend; :mod:`lomt_kernels.contract`).
+
+    Host-side: a nonzero ``found_inf`` returns at once; otherwise every step count goes up by one
+    and each tensor takes :func:`group_prox_adam_tensor`.
+    """
+    if tensors.skipped():
+        return
+    tensors.count_step()
+    group_prox_adam(*tensors.lists(), hyper=hyper, lr=float(lr), grad_scale=tensors.grad_scale)
+
+
 def group_prox_adam(
     params: list[Tensor],
     grads: list[Tensor],
@@ -177,31 +200,23 @@ def group_prox_adam(
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
     *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    decoupled_weight_decay: bool,
-    maximize: bool,
-    lambda_: float,
-    prox: str,
-    grouping: str,
+    lr: float | Tensor,
     grad_scale: Tensor | None = None,
+    hyper: AdamHyper | None = None,
+    **fields: object,
 ) -> None:
-    """One proximal Adam step, in place, for a list of tensors (the ``"torch"`` backend).
+    """:func:`step` on lists whose ``state_steps`` already hold this step's count.
 
-    This is the signature every backend implements. ``state_steps`` hold the step count
-    *after* this step's increment. ``grad_scale``, if given, divides the gradients (AMP).
+    The float64 path of the float32 kernels' hosts, which count the steps themselves; they pass
+    the :class:`~lomt_kernels.contract.AdamHyper` record as ``hyper`` or its fields as keywords.
     """
+    if hyper is None:
+        hyper = AdamHyper(**fields)  # type: ignore[arg-type]
+    elif fields:
+        raise TypeError(f"pass hyper or its fields, not both (got {sorted(fields)})")
     for p, g, m, v, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
-        if p.numel() == 0:
-            continue
-        group_prox_adam_tensor(
-            p, g, m, v, step_t, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-            decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, lambda_=lambda_,
-            prox=prox, grouping=grouping, grad_scale=grad_scale,
-        )
+        if p.numel() != 0:
+            group_prox_adam_tensor(p, g, m, v, step_t, hyper, float(lr), grad_scale=grad_scale)
 
 
 def group_prox_adam_tensor(
@@ -210,37 +225,32 @@ def group_prox_adam_tensor(
     m: Tensor,
     v: Tensor,
     step_t: Tensor,
-    *,
+    hyper: AdamHyper,
     lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    decoupled_weight_decay: bool,
-    maximize: bool,
-    lambda_: float,
-    prox: str,
-    grouping: str,
+    *,
     grad_scale: Tensor | None = None,
     group_size: int | None = None,
     reduce: GroupReduce | None = None,
 ) -> None:
-    """:func:`group_prox_adam` for one tensor, which may be one shard of a bigger tensor.
+    """One tensor's step (its count ``step_t`` already incremented); it may be one shard of a
+    bigger tensor.
 
     For a shard, ``group_size`` is the whole tensor's ``n_G`` (the prox threshold's) and
     ``reduce`` sums per-group partial sums across the shards (see :data:`GroupReduce`); a shard
     may then be empty, and still takes part in the reductions. By default both describe ``p``
     itself.
     """
+    beta1, beta2, eps, weight_decay = hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay
+    prox, lambda_, grouping = hyper.prox, hyper.lambda_, hyper.grouping
     compute = torch.promote_types(p.dtype, torch.float32)
     x = p.to(compute)
     g = g.to(compute)
     if grad_scale is not None:
         g = g / grad_scale.to(compute)
-    if maximize:
+    if hyper.maximize:
         g = -g
     if weight_decay != 0:
-        if decoupled_weight_decay:
+        if hyper.decoupled_weight_decay:
             x = x * (1 - lr * weight_decay)
         else:
             g = g + weight_decay * x
@@ -252,14 +262,14 @@ def group_prox_adam_tensor(
     d = v32.sqrt() / bc2**0.5 + eps
     z = x - (lr / bc1) * m32 / d
 
-    if prox != "none" and lambda_ != 0 and is_grouped(p):
-        if prox == "l1":
+    if prox != Prox.NONE and lambda_ != 0 and is_grouped(p):
+        if prox == Prox.L1:
             z = l1_shrink(z, group_threshold(lr, lambda_, prox, 1))
         else:
             if group_size is None:
                 group_size = p.numel() // p.shape[group_dim(grouping)]
             tau = group_threshold(lr, lambda_, prox, group_size)
-            if prox == "group":
+            if prox == Prox.GROUP:
                 z = group_shrink(z, tau, grouping, reduce=reduce)
             else:
                 z = weighted_group_prox(z, d, tau, grouping, reduce=reduce)

@@ -63,3 +63,21 @@ def test_the_reference_by_name_is_silent():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert backends.resolve("torch", torch.device("cpu"))[0] == "torch"
+
+
+def test_every_backend_implements_the_contract_in_full():
+    """``step``, ``unavailable_reason`` and ``capturable`` in every backend module, with the
+    protocol's parameters; only Triton declares its steps capturable."""
+    import inspect
+
+    from lomt_kernels.contract import Backend
+
+    for name in backends.BACKENDS:
+        try:
+            backend = backends.load(name)
+        except ImportError:  # triton not installed: nothing to check
+            continue
+        for member in ("step", "unavailable_reason"):
+            ours = list(inspect.signature(getattr(backend, member)).parameters)
+            assert ours == list(inspect.signature(getattr(Backend, member)).parameters)[1:], (name, member)
+        assert backend.capturable is (name in ("triton", "cuda")), name

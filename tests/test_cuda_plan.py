@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from benchmarks.params import resnet50_conv_shapes
+from lomt_kernels.contract import AdamHyper, StepTensors
 from lomt_kernels.grouping import GroupLayout
 from lomt_kernels.kernels import cuda, cuda_plan, device_table
 
@@ -121,7 +122,7 @@ def test_block_table_consistent(prox):
 @pytest.mark.parametrize("grouping", ["in_channel", "out_channel"])
 def test_resnet50_and_channels_last_in_three_launches(prox, grouping):
     """The ResNet-50 convs (contiguous and channels-last) with biases, as the host path lays them out."""
-    hyper = device_table.Hyper(prox, grouping, False, 0.9, 0.999)
+    hyper = device_table.PlanKey(prox, grouping, False, 0.9, 0.999)
     tensors = [torch.empty(shape, device="meta") for shape in sorted(set(resnet50_conv_shapes()))]
     tensors += [t.to(memory_format=torch.channels_last) for t in tensors] + [torch.empty(64, device="meta")]
     layouts, proxes = zip(*(device_table.layout_and_prox(t, hyper) for t in tensors))
@@ -169,13 +170,13 @@ def test_host_path_tables_point_at_the_tensors_and_follow_moving_grads(monkeypat
     exp_avgs = [torch.zeros_like(p) for p in params]
     exp_avg_sqs = [torch.zeros_like(p) for p in params]
     steps = [torch.tensor(0.0) for _ in params]
-    hyper = dict(lr=torch.tensor(1e-3), beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
-                 decoupled_weight_decay=False, maximize=False, lambda_=1e-3, prox="group", grouping="in_channel")
+    lr = torch.tensor(1e-3)
+    hyper = AdamHyper(lambda_=1e-3, prox="group", grouping="in_channel")
     device_table._CACHE.clear()
     before = dict(device_table.COUNTS)
     for step in range(3):
         grads = [torch.randn_like(p) for p in params]
-        cuda.group_prox_adam(params, grads, exp_avgs, exp_avg_sqs, steps, **hyper, increment_steps=True)
+        cuda.step(StepTensors(params, grads, exp_avgs, exp_avg_sqs, steps), hyper, lr)
         call = extension.calls[-1]
         p_anchor, g_anchor, step_anchor = call["anchors"]
         rows = call["tensors"]
@@ -186,7 +187,7 @@ def test_host_path_tables_point_at_the_tensors_and_follow_moving_grads(monkeypat
             assert p_anchor.data_ptr() + row[device_table.V] * item == exp_avg_sqs[i].data_ptr()
             assert g_anchor.data_ptr() + row[device_table.G] * item == grads[i].data_ptr()
             assert step_anchor.data_ptr() + row[device_table.STEP] * 4 == steps[i].data_ptr()
-        assert sum(call["launch_blocks"]) == call["blocks"].shape[0] and call["lr_tensor"] is hyper["lr"]
+        assert sum(call["launch_blocks"]) == call["blocks"].shape[0] and call["lr_tensor"] is lr
     counts = {key: device_table.COUNTS[key] - before.get(key, 0) for key in ("builds", "grad_refreshes")}
     assert counts == {"builds": 1, "grad_refreshes": 3} and len(extension.calls) == 3
     launches = [n for n in extension.calls[-1]["launch_blocks"] if n]
@@ -196,5 +197,5 @@ def test_host_path_tables_point_at_the_tensors_and_follow_moving_grads(monkeypat
     # A bfloat16 grad of a float32 param is cast on a copy, with a launch of its own.
     grads = [torch.randn_like(p) for p in params]
     grads[3] = grads[3].bfloat16()
-    cuda.group_prox_adam(params, grads, exp_avgs, exp_avg_sqs, steps, **hyper, increment_steps=True)
+    cuda.step(StepTensors(params, grads, exp_avgs, exp_avg_sqs, steps), hyper, lr)
     assert len(extension.calls) == 5 and extension.calls[-1]["tensors"].shape[0] == 1

@@ -27,9 +27,10 @@ import torch.distributed as dist
 from torch import nn
 
 from lomt_kernels import FusedGroupProxAdam
-from lomt_kernels.grouping import GROUPINGS, PROXES, as_groups
+from lomt_kernels.grouping import GROUPINGS, as_groups
 
 import spawned
+from parity import PROX_NAMES
 
 WORLD = 2
 PG_TIMEOUT = datetime.timedelta(seconds=30)
@@ -125,7 +126,7 @@ def _placements_worker(rank: int, init_file: str, out: str) -> None:
         results = {}
         for name in PLACEMENTS:
             shard = lambda t: distribute_tensor(t, mesh, [_placement(name, t.dim())])  # noqa: E731
-            for prox in PROXES:
+            for prox in PROX_NAMES:
                 for grouping in GROUPINGS:
                     for nan_grad in (False, True):
                         kwargs = dict(prox=prox, grouping=grouping, weight_decay=0.1, nan_grad=nan_grad)
@@ -176,16 +177,21 @@ def _partial_grads_run(mesh) -> dict:
     return {"sharded": [p.full_tensor().detach() for p in sharded], "plain": [p.detach() for p in plain]}
 
 
-@pytest.fixture(scope="module")
-def placement_results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("placements")
+def _results(tmp_path_factory, name: str, worker) -> dict:
+    """What ``worker`` (run on :data:`WORLD` ranks) saved to its output file."""
+    tmp = tmp_path_factory.mktemp(name)
     out = tmp / "results.pt"
-    spawned.run(_placements_worker, str(tmp / "init"), str(out), nprocs=WORLD)
+    spawned.run(worker, str(tmp / "init"), str(out), nprocs=WORLD)
     return torch.load(out)
 
 
+@pytest.fixture(scope="module")
+def placement_results(tmp_path_factory):
+    return _results(tmp_path_factory, "placements", _placements_worker)
+
+
 @pytest.mark.parametrize("grouping", GROUPINGS)
-@pytest.mark.parametrize("prox", PROXES)
+@pytest.mark.parametrize("prox", PROX_NAMES)
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_sharded_steps_equal_unsharded(placement_results, placement, prox, grouping):
     """Shard(0) (FSDP2's layout) splits in-channel groups across the ranks, Shard(1) splits
@@ -203,7 +209,7 @@ def test_sharded_steps_equal_unsharded(placement_results, placement, prox, group
 
 
 @pytest.mark.parametrize("grouping", GROUPINGS)
-@pytest.mark.parametrize("prox", PROXES)
+@pytest.mark.parametrize("prox", PROX_NAMES)
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_sharded_nonfinite_group_equals_unsharded(placement_results, placement, prox, grouping):
     """A NaN gradient element in a group split across the ranks: the all-reduced sums are NaN on
@@ -278,7 +284,7 @@ def _fsdp_worker(rank: int, init_file: str, out: str) -> None:
     mesh = _init(rank, init_file)
     try:
         results = {}
-        for prox in PROXES:
+        for prox in PROX_NAMES:
             for grouping in GROUPINGS:
                 plain, sharded = _model(), _shard_model(_model(), mesh)
                 for model, data_rank in ((plain, None), (sharded, rank)):
@@ -327,14 +333,11 @@ def _amp_run(mesh, rank: int) -> dict:
 
 @pytest.fixture(scope="module")
 def fsdp_results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("fsdp")
-    out = tmp / "results.pt"
-    spawned.run(_fsdp_worker, str(tmp / "init"), str(out), nprocs=WORLD)
-    return torch.load(out)
+    return _results(tmp_path_factory, "fsdp", _fsdp_worker)
 
 
 @pytest.mark.parametrize("grouping", GROUPINGS)
-@pytest.mark.parametrize("prox", PROXES)
+@pytest.mark.parametrize("prox", PROX_NAMES)
 def test_fully_shard_training_equals_one_process(fsdp_results, prox, grouping):
     """FSDP2 on two ranks, each with half the batch, equals one process on the whole batch.
 
@@ -500,7 +503,7 @@ def test_partial_params_are_rejected(placement_results):
     assert "placement Partial(sum) is not supported" in placement_results["partial"]
 
 
-@pytest.mark.parametrize("prox", PROXES)
+@pytest.mark.parametrize("prox", PROX_NAMES)
 def test_zero_lr_step_leaves_params_alone(prox):
     """A step with lr = 0 (a warm-up's first, or DCP's state-creating step) changes no param."""
     params = [nn.Parameter(t) for t in _tensors()]

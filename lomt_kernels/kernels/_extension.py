@@ -59,6 +59,16 @@ _lock = threading.Lock()
 _loaded: dict[str, ModuleType | str | ExtensionUnavailable] = {}
 
 
+def build_failure(build: Callable[[], object]) -> str | None:
+    """``None`` if ``build()`` (an extension's builder) succeeds, else why it failed: a backend's
+    ``unavailable_reason`` once the device is right."""
+    try:
+        build()
+    except ExtensionUnavailable as exc:
+        return str(exc)
+    return None
+
+
 def cpp_extension() -> ModuleType:
     """:mod:`torch.utils.cpp_extension`, imported on first call without its no-GPU warning.
 

@@ -3,7 +3,7 @@ r"""The ``"cpu"`` backend: the proximal Adam step fused per tensor, in C++.
 The kernel is ``csrc/group_prox_adam_cpu.cpp`` (its header comment gives the design and the
 measurements behind it), registered as the custom op ``torch.ops.lomt.group_prox_adam_cpu`` so
 ``torch.compile`` sees one opaque op that mutates params and state. The maths is
-:func:`lomt_kernels.reference.group_prox_adam`'s: float32, float16 and bfloat16 params compute
+:mod:`lomt_kernels.reference`'s: float32, float16 and bfloat16 params compute
 in float32 and are rounded once on store, float64 params compute in float64. Per tensor:
 
 .. math::
@@ -15,7 +15,7 @@ then ``p = prox(z)`` for the groups :func:`~lomt_kernels.grouping.group_layout` 
 ``tau = lr * lambda_ * sqrt(n_G)``. Plain Adam and ``l1`` take one pass over memory; a group
 prox takes one more (the rescale), and the weighted prox one more per Newton update.
 
-The op takes the step function's own arguments and finds each tensor's layout itself: a param
+The op takes the step's tensors and hyperparameters and finds each tensor's layout itself: a param
 whose groups have no ``[A, B, K]`` layout in memory (e.g. a transposed weight), or whose grads or
 state have other strides, is stepped on contiguous copies that are copied back. That is done
 in C++ rather than with :func:`~lomt_kernels.kernels.prepare.work_tensors`, since a Python loop
@@ -32,7 +32,8 @@ from typing import cast
 import torch
 from torch import Tensor
 
-from ._extension import ExtensionUnavailable, load_extension
+from ..contract import AdamHyper, StepTensors
+from ._extension import build_failure, load_extension
 
 EXTENSION_NAME = "group_prox_adam_cpu"
 SOURCES = ("group_prox_adam_cpu.cpp",)
@@ -92,41 +93,28 @@ def unavailable_reason(device: torch.device) -> str | None:
     """``None`` if the fused CPU kernel can step params on ``device``, else what is missing."""
     if device.type != "cpu":
         return f"params are on {device.type}; the cpu backend steps CPU tensors only"
-    try:
-        build()
-    except ExtensionUnavailable as exc:
-        return str(exc)
-    return None
+    return build_failure(build)
 
 
-def group_prox_adam(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    decoupled_weight_decay: bool,
-    maximize: bool,
-    lambda_: float,
-    prox: str,
-    grouping: str,
-    grad_scale: Tensor | None = None,
-) -> None:
-    """One proximal Adam step, in place, with the fused C++ kernel (the ``"cpu"`` backend).
+#: The op reads ``lr``, ``found_inf`` and the step counts on the host (CPU tensors: no device to wait for).
+capturable = False
 
-    Same signature and semantics as :func:`lomt_kernels.reference.group_prox_adam`. Every
-    tensor must be on the CPU; ``exp_avgs``, ``exp_avg_sqs`` and ``grads`` must have their
-    param's dtype (float64, float32, float16 or bfloat16).
+
+def step(tensors: StepTensors, hyper: AdamHyper, lr: float | Tensor) -> None:
+    """One proximal Adam step, in place, with the fused C++ kernel (the ``"cpu"`` backend;
+    :mod:`lomt_kernels.contract`).
+
+    Every tensor must be on the CPU; ``exp_avgs``, ``exp_avg_sqs`` and ``grads`` must have their
+    param's dtype (float64, float32, float16 or bfloat16). ``found_inf`` and the step counts are
+    handled here, on the host; the op takes the incremented counts.
     """
     if not _loaded:
         build()
+    if tensors.skipped():
+        return
+    tensors.count_step()
+    h = hyper
     torch.ops.lomt.group_prox_adam_cpu(
-        params, grads, exp_avgs, exp_avg_sqs, state_steps, prox, grouping, lr, beta1, beta2, eps,
-        weight_decay, decoupled_weight_decay, maximize, lambda_, grad_scale,
+        *tensors.lists(), h.prox.value, h.grouping, float(lr), h.beta1, h.beta2, h.eps,
+        h.weight_decay, h.decoupled_weight_decay, h.maximize, h.lambda_, tensors.grad_scale,
     )

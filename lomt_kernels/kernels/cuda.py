@@ -28,10 +28,11 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from ..contract import AdamHyper, StepTensors
 from . import cuda_plan, device_table
-from ._extension import ExtensionUnavailable, load_extension
+from ._extension import build_failure, load_extension
 from .cuda_toolkit import use_cuda_home
-from .device_table import COUNTS, Entry, Hyper, TensorTable
+from .device_table import COUNTS, Entry, PlanKey, TensorTable
 
 EXTENSION_NAME = "group_prox_adam_cuda"
 SOURCES = ("group_prox_adam_cuda.cu", "group_prox_adam_cuda_bindings.cpp")
@@ -76,51 +77,20 @@ def unavailable_reason(device: torch.device) -> str | None:
         return f"params are on {device.type}; the cuda backend steps CUDA tensors only"
     if not torch.cuda.is_available():
         return "no CUDA device is available"
-    try:
-        build()
-    except ExtensionUnavailable as exc:
-        return str(exc)
-    return None
+    return build_failure(build)
 
 
-def group_prox_adam(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    decoupled_weight_decay: bool,
-    maximize: bool,
-    lambda_: float,
-    prox: str,
-    grouping: str,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    capturable: bool = False,
-    increment_steps: bool = False,
-) -> None:
-    """One proximal Adam step, in place, with the CUDA extension (the ``"cuda"`` backend).
+#: A step makes no host sync once a first step with the same tensors has built its launch plan.
+capturable = True
 
-    Same signature and semantics as :func:`lomt_kernels.kernels.triton_group_adam.group_prox_adam`:
-    ``state_steps`` are one-element float32 tensors on the params' device (the counts before this
-    step with ``increment_steps``, which the kernels then increment), ``lr`` a float or a 0-d
-    tensor, a nonzero ``found_inf`` leaves everything unchanged; every step after the first with
-    the same tensors is capturable (``capturable`` changes nothing). Grads of another dtype than
-    their param are cast to it on copies; float64 params take the reference path.
+
+def step(tensors: StepTensors, hyper: AdamHyper, lr: float | Tensor) -> None:
+    """One proximal Adam step, in place, with the CUDA extension (the ``"cuda"`` backend;
+    :mod:`lomt_kernels.contract`), on the host path the Triton backend shares
+    (:mod:`~lomt_kernels.kernels.device_table`). Grads of another dtype than their param are cast
+    to it on copies; float64 params take the reference path.
     """
-    del capturable  # every step is capturable
-    device_table.step(
-        BACKEND, params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-        weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
-        lambda_=lambda_, prox=prox, grouping=grouping, grad_scale=grad_scale, found_inf=found_inf,
-        increment_step=increment_steps,
-    )
+    device_table.step(BACKEND, tensors, hyper, lr)
 
 
 #: Columns of the tensor table after the shared ones (``Column`` in the .cu, from ``kA``).
@@ -142,7 +112,7 @@ class Launch:
     scratch and per-tensor block counters (zero between steps: the last block of a tensor
     resets its own)."""
 
-    def __init__(self, index: list[int], entries: list[Entry], g_dtype: torch.dtype, hyper: Hyper) -> None:
+    def __init__(self, index: list[int], entries: list[Entry], g_dtype: torch.dtype, hyper: PlanKey) -> None:
         device = entries[0][0].device
         self.index = index
         self.prox = cuda_plan.PROX_CODE[hyper.prox]

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from ..contract import AdamHyper, StepTensors
 from ..grouping import GroupLayout, group_layout
 from .prepare import check_dtypes, is_dense, tensor_prox, work_tensors, write_back
 
@@ -53,7 +54,7 @@ SHARED_FIELDS = 6
 Entry = tuple[Tensor, Tensor, Tensor, Tensor, GroupLayout, str]
 
 
-class Hyper(NamedTuple):
+class PlanKey(NamedTuple):
     """The hyperparameters a plan is built for; the rest are launch arguments."""
 
     prox: str
@@ -173,7 +174,7 @@ class Backend(NamedTuple):
     only grads of the param's dtype (others are then cast on the copies path)."""
 
     name: str
-    launch: Callable[[list[int], list[Entry], torch.dtype, Hyper], Launch]
+    launch: Callable[[list[int], list[Entry], torch.dtype, PlanKey], Launch]
     grads_of_param_dtype: bool
 
 
@@ -185,7 +186,7 @@ def element_offset(t: Tensor, anchor: Tensor) -> int:
     return delta // t.element_size()
 
 
-def layout_and_prox(p: Tensor, hyper: Hyper) -> tuple[GroupLayout | None, str]:
+def layout_and_prox(p: Tensor, hyper: PlanKey) -> tuple[GroupLayout | None, str]:
     """The layout the kernels read ``p`` in and the prox ``p`` takes
     (:func:`~lomt_kernels.kernels.prepare.tensor_prox`); ``layout`` is ``None`` for a grouped
     tensor without one."""
@@ -209,26 +210,23 @@ class _Launches(NamedTuple):
     wide: list[int]  # float64 tensors, stepped by the reference (see _step_float64)
 
 
-def step(
-    backend: Backend, params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor], *, lr: float | Tensor, prox: str, grouping: str, lambda_: float, beta1: float,
-    beta2: float, **scalars: object,
-) -> None:
-    """One fused step over float32 and 16-bit params of one device with ``backend``'s kernels (see
-    :func:`lomt_kernels.kernels.triton_group_adam.group_prox_adam` for the semantics): one
-    :class:`Launch` per ``(param dtype, grad dtype)``, from a plan cached for these tensors.
-    ``scalars`` are the rest of :meth:`Launch.run`'s keywords."""
+def step(backend: Backend, tensors: StepTensors, hyper: AdamHyper, lr: float | Tensor) -> None:
+    """One fused step over the float32 and 16-bit params of one device with ``backend``'s kernels,
+    with the semantics of :mod:`lomt_kernels.contract` (the kernels add one to the step counts and
+    read ``lr``, ``grad_scale`` and ``found_inf`` on the device): one :class:`Launch` per
+    ``(param dtype, grad dtype)``, from a plan cached for these tensors."""
+    params, grads, exp_avgs, exp_avg_sqs, state_steps = tensors.lists()
     if not params:
         return
     if isinstance(lr, Tensor) and lr.device != params[0].device:
         lr = float(lr)  # a CPU tensor: reading it does not wait for the device
-    hyper = Hyper(prox, grouping, lambda_ == 0, float(beta1), float(beta2))
-    key = (backend.name, hyper, *(tuple(map(Tensor.data_ptr, ts)) for ts in (params, exp_avgs, exp_avg_sqs, state_steps)))
+    key_hyper = PlanKey(hyper.prox.value, hyper.grouping, hyper.lambda_ == 0, float(hyper.beta1), float(hyper.beta2))
+    key = (backend.name, key_hyper, *(tuple(map(Tensor.data_ptr, ts)) for ts in (params, exp_avgs, exp_avg_sqs, state_steps)))
     launches = _CACHE.get(key)
     chosen = [] if launches is None else [[grads[i] for i in launch.index] for launch in launches.in_place]
     ptrs = [list(map(Tensor.data_ptr, gs)) for gs in chosen]
     if launches is None or not all(launch.table.accepts(gs, ps) for launch, gs, ps in zip(launches.in_place, chosen, ptrs)):
-        launches = _build(backend, params, grads, exp_avgs, exp_avg_sqs, state_steps, hyper)
+        launches = _build(backend, params, grads, exp_avgs, exp_avg_sqs, state_steps, key_hyper)
         chosen = [[grads[i] for i in launch.index] for launch in launches.in_place]
         ptrs = [list(map(Tensor.data_ptr, gs)) for gs in chosen]
         _CACHE[key] = launches
@@ -236,19 +234,28 @@ def step(
             _CACHE.popitem(last=False)
     else:
         _CACHE.move_to_end(key)
-    run = dict(scalars, lr=lr, beta1=beta1, beta2=beta2, lambda_=lambda_)
+    run = dict(
+        lr=lr, beta1=hyper.beta1, beta2=hyper.beta2, eps=hyper.eps, weight_decay=hyper.weight_decay,
+        lambda_=hyper.lambda_, maximize=hyper.maximize, decoupled_weight_decay=hyper.decoupled_weight_decay,
+        grad_scale=tensors.grad_scale, found_inf=tensors.found_inf, increment_step=True,
+    )
     for launch, gs, ps in zip(launches.in_place, chosen, ptrs):
         launch.table.set_grads(gs, ps)
         launch.run(**run)
     if launches.copied:
-        _step_copies(backend, params, grads, exp_avgs, exp_avg_sqs, state_steps, launches.copied, hyper, run)
+        _step_copies(backend, params, grads, exp_avgs, exp_avg_sqs, state_steps, launches.copied, key_hyper, run)
     if launches.wide:
         _step_float64([[ts[i] for i in launches.wide] for ts in (params, grads, exp_avgs, exp_avg_sqs, state_steps)],
                       hyper, run)
+    # Empty params are in no launch; their counts still go up, on the device.
+    if not all(map(Tensor.numel, params)):  # the usual case is checked at C speed
+        empty = [s for p, s in zip(params, state_steps) if p.numel() == 0]
+        found_inf = tensors.found_inf
+        torch._foreach_add_(empty, 1 if found_inf is None else (found_inf == 0).to(empty[0].dtype))
 
 
 def _groups_of(backend: Backend, params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
-               exp_avg_sqs: list[Tensor], hyper: Hyper) -> tuple[dict[tuple, list[int]], list[int], list[int]]:
+               exp_avg_sqs: list[Tensor], hyper: PlanKey) -> tuple[dict[tuple, list[int]], list[int], list[int]]:
     """The indices of the tensors that launch in place, by ``(p dtype, g dtype)``; of those that
     take dense copies; and of the float64 ones."""
     groups: dict[tuple, list[int]] = {}
@@ -268,7 +275,7 @@ def _groups_of(backend: Backend, params: list[Tensor], grads: list[Tensor], exp_
     return groups, copied, wide
 
 
-def _build(backend: Backend, params, grads, exp_avgs, exp_avg_sqs, steps, hyper: Hyper) -> _Launches:
+def _build(backend: Backend, params, grads, exp_avgs, exp_avg_sqs, steps, hyper: PlanKey) -> _Launches:
     if params[0].device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
             f"the {backend.name} backend builds its launch plan on the first step with a given set of "
@@ -283,7 +290,7 @@ def _build(backend: Backend, params, grads, exp_avgs, exp_avg_sqs, steps, hyper:
     return _Launches(in_place, copied, wide)
 
 
-def _step_copies(backend: Backend, params, grads, exp_avgs, exp_avg_sqs, steps, index: list[int], hyper: Hyper,
+def _step_copies(backend: Backend, params, grads, exp_avgs, exp_avg_sqs, steps, index: list[int], hyper: PlanKey,
                  run: dict) -> None:
     """The tensors the kernels cannot address in place, on dense copies with launches built for
     this step (rare: a transposed weight, a grad with strides or a dtype of its own)."""
@@ -303,19 +310,13 @@ def _step_copies(backend: Backend, params, grads, exp_avgs, exp_avg_sqs, steps, 
     write_back(chosen[0], chosen[2], chosen[3], works)
 
 
-def _step_float64(tensors: list[list[Tensor]], hyper: Hyper, run: dict) -> None:
+def _step_float64(tensors: list[list[Tensor]], hyper: AdamHyper, run: dict) -> None:
     """float64 params on :func:`lomt_kernels.reference.group_prox_adam` (the kernels compute in
     float32, which would lose their precision); this reads ``lr``, ``found_inf`` and the steps on
     the host."""
     found_inf = run["found_inf"]
     if found_inf is not None and bool(found_inf):
         return
-    if run["increment_step"]:
-        torch._foreach_add_(tensors[4], 1)
+    torch._foreach_add_(tensors[4], 1)
     lr = run["lr"]
-    reference.group_prox_adam(
-        *tensors, lr=float(lr) if isinstance(lr, Tensor) else lr, beta1=hyper.beta1, beta2=hyper.beta2,
-        eps=run["eps"], weight_decay=run["weight_decay"], decoupled_weight_decay=run["decoupled_weight_decay"],
-        maximize=run["maximize"], lambda_=run["lambda_"], prox=hyper.prox, grouping=hyper.grouping,
-        grad_scale=run["grad_scale"],
-    )
+    reference.group_prox_adam(*tensors, lr=float(lr), hyper=hyper, grad_scale=run["grad_scale"])

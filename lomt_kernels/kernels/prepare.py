@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .. import reference
+from ..contract import Prox
 from ..grouping import GroupLayout, group_layout, is_grouped
 
 #: The dtypes the float32-arithmetic kernels take.
@@ -65,7 +65,7 @@ def work_tensors(
     strides, which they normally do (``m`` and ``v`` are created with ``preserve_format``,
     autograd matches grads to their param). :func:`write_back` copies results back. A grad of
     another dtype than its param is kept or cast to the param's dtype, as ``grad_dtype`` says.
-    float64 params are left out: they go to :func:`float64_on_reference` (these kernels compute
+    float64 params are left out: the callers step them on the reference (these kernels compute
     in float32).
 
     This runs on every step for every param, so it reads each tensor's strides once and does
@@ -73,7 +73,7 @@ def work_tensors(
     """
     if grad_dtype not in GRAD_DTYPE_POLICIES:
         raise ValueError(f"unknown grad_dtype={grad_dtype!r}: expected one of {GRAD_DTYPE_POLICIES}")
-    group_prox = prox in ("group", "group_weighted")
+    group_prox = Prox(prox).grouped
     works = {}
     for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
         dtype = p.dtype
@@ -105,22 +105,3 @@ def write_back(params: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[T
         for target, result in ((params[i], work.p), (exp_avgs[i], work.m), (exp_avg_sqs[i], work.v)):
             if result is not target:
                 target.copy_(result)
-
-
-def float64_on_reference(
-    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor], **kwargs: object,
-) -> None:
-    """The step of the float64 params, on :func:`lomt_kernels.reference.group_prox_adam` (the
-    kernels compute in float32, which would lose their precision).
-
-    ``lr`` may be a 0-d tensor (a capturable step's): it is read on the host only if there are
-    float64 params, so a step without them syncs nothing and can be captured in a CUDA graph.
-    """
-    wide = [i for i, p in enumerate(params) if p.dtype == torch.float64 and p.numel() > 0]
-    if wide:
-        if isinstance(kwargs.get("lr"), Tensor):
-            kwargs["lr"] = float(kwargs["lr"])
-        reference.group_prox_adam(
-            *([ts[i] for i in wide] for ts in (params, grads, exp_avgs, exp_avg_sqs, state_steps)), **kwargs
-        )

@@ -22,71 +22,47 @@ import torch
 import triton
 from torch import Tensor
 
+from ...contract import AdamHyper, StepTensors
 from .. import device_table
 from . import kernel, launch
 from .launch import COUNTS, INTERPRETED
 from .plan import TileShape
 
-__all__ = ["group_prox_adam", "unavailable_reason", "compile_kernels", "ptxas_report", "INTERPRETED", "COUNTS"]
+__all__ = ["step", "capturable", "unavailable_reason", "compile_kernels", "ptxas_report", "INTERPRETED", "COUNTS"]
 
 
-def group_prox_adam(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    decoupled_weight_decay: bool,
-    maximize: bool,
-    lambda_: float,
-    prox: str,
-    grouping: str,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    capturable: bool = False,
-    increment_steps: bool = False,
-) -> None:
-    """One proximal Adam step, in place, with the fused Triton kernel (the ``"triton"`` backend).
+#: A step makes no host sync once a first step with the same tensors has built its launch plan.
+capturable = True
 
-    Same signature and semantics as :func:`lomt_kernels.reference.group_prox_adam`, plus:
 
-    * ``lr`` may be a 0-d tensor on the params' device, read by the kernel;
-    * ``state_steps`` are one-element float32 tensors on the params' device; with
-      ``increment_steps`` the kernel adds one to each (the step counts *before* this step are
-      passed), else they already hold this step's count;
-    * ``found_inf`` (a 0-d tensor, as :class:`torch.amp.GradScaler` sets): when nonzero the step
-      leaves params, state and step counts unchanged, decided on the device.
+def step(tensors: StepTensors, hyper: AdamHyper, lr: float | Tensor) -> None:
+    """One proximal Adam step, in place, with the fused Triton kernel (the ``"triton"`` backend;
+    :mod:`lomt_kernels.contract`).
 
-    Nothing here waits for the device, so a step (after a first one with the same tensors, which
-    builds the launch plan) can be captured in a CUDA graph; ``capturable`` is accepted for the
-    optimizer's sake and changes nothing. float64 params take the reference path (the kernel
-    computes in float32); those steps read ``lr``, the steps and ``found_inf`` on the host.
+    The kernel reads ``lr`` (a float, or a 0-d tensor on the params' device), ``grad_scale`` and
+    ``found_inf``, and adds one to each step count (one-element float32 tensors on the params'
+    device); a nonzero ``found_inf`` leaves everything unchanged, decided on the device. Nothing
+    here waits for the device, so a step (after a first one with the same tensors, which builds
+    the launch plan) can be captured in a CUDA graph. float64 params take the reference path (the
+    kernel computes in float32); those steps read ``lr``, the steps and ``found_inf`` on the host.
     """
-    del capturable  # every step is capturable
-    hyper = dict(
-        beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
-        maximize=maximize, lambda_=lambda_, prox=prox, grouping=grouping, increment_steps=increment_steps,
-    )
-    tensors = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
     if torch.compiler.is_compiling():
         lr_tensor = lr if isinstance(lr, Tensor) else None
         torch.ops.lomt.triton_group_prox_adam_(
-            *tensors, grad_scale, found_inf, lr_tensor, lr=0.0 if lr_tensor is not None else float(lr), **hyper
+            *tensors.lists(), tensors.grad_scale, tensors.found_inf, lr_tensor,
+            lr=0.0 if lr_tensor is not None else float(lr), **_op_hyper(hyper),
         )
     else:
-        _step(*tensors, lr=lr, grad_scale=grad_scale, found_inf=found_inf, **hyper)
+        _step(tensors, hyper, lr)
 
 
-def _step(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, increment_steps, **hyper) -> None:
-    device_table.step(
-        launch.BACKEND, params, grads, exp_avgs, exp_avg_sqs, state_steps, increment_step=increment_steps, **hyper,
-    )
+def _op_hyper(hyper: AdamHyper) -> dict[str, object]:
+    """``hyper`` as the custom op's keyword arguments (its schema takes plain values)."""
+    return dict(vars(hyper), prox=hyper.prox.value)  # vars: asdict's deep copy costs host time every step
+
+
+def _step(tensors: StepTensors, hyper: AdamHyper, lr: float | Tensor) -> None:
+    device_table.step(launch.BACKEND, tensors, hyper, lr)
 
 
 @torch.library.custom_op("lomt::triton_group_prox_adam_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "state_steps"))
@@ -110,15 +86,12 @@ def _group_prox_adam_op(
     lambda_: float,
     prox: str,
     grouping: str,
-    increment_steps: bool,
 ) -> None:
-    """The step as a ``torch.library`` custom op (``lr_tensor``, if given, replaces ``lr``)."""
-    _step(
-        params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=lr if lr_tensor is None else lr_tensor,
-        beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
-        maximize=maximize, lambda_=lambda_, prox=prox, grouping=grouping, grad_scale=grad_scale,
-        found_inf=found_inf, increment_steps=increment_steps,
-    )
+    """The step as a ``torch.library`` custom op (``lr_tensor``, if given, replaces ``lr``); its
+    schema spells out :class:`~lomt_kernels.contract.AdamHyper`'s fields, as an op's must."""
+    hyper = AdamHyper(beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize, lambda_, prox, grouping)
+    tensors = StepTensors(params, grads, exp_avgs, exp_avg_sqs, state_steps, grad_scale, found_inf)
+    _step(tensors, hyper, lr if lr_tensor is None else lr_tensor)
 
 
 @_group_prox_adam_op.register_fake

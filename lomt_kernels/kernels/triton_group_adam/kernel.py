@@ -29,6 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ...contract import Prox
 from .plan import ItemKind
 
 # Columns of the int64 tensor table.
@@ -45,9 +46,10 @@ SLAB_FIELDS = tl.constexpr(14)
 # Columns of the int32 item table (see plan.Item).
 I_KIND, I_SLAB, I_ROW0, I_COL0, I_SLOT = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3), tl.constexpr(4)
 ITEM_FIELDS = tl.constexpr(5)
-# Prox codes.
-NONE, GROUP, WEIGHTED, L1 = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
-PROX_CODE = {"none": 0, "group": 1, "group_weighted": 2, "l1": 3}
+# Prox codes, as the host path writes them from Prox.code.
+NONE, GROUP, WEIGHTED, L1 = (tl.constexpr(p.code) for p in (Prox.NONE, Prox.GROUP, Prox.GROUP_WEIGHTED, Prox.L1))
+#: A prox's code by name, for the host path.
+PROX_CODE = {p.value: p.code for p in Prox}
 
 _ELEMENTWISE = tl.constexpr(int(ItemKind.ELEMENTWISE))
 _FUSED = tl.constexpr(int(ItemKind.FUSED))

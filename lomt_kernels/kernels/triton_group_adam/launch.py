@@ -14,11 +14,11 @@ from torch import Tensor
 
 from ... import reference
 from ...grouping import GroupLayout
-from ..device_table import _CACHE, COUNTS, Backend, Entry, Hyper, TensorTable, float_bits, layout_and_prox, log_beta
+from ..device_table import _CACHE, COUNTS, Backend, Entry, PlanKey, TensorTable, float_bits, layout_and_prox, log_beta
 from . import kernel as k
 from .plan import Plan, TileShape, build_plan, finisher_lag, geometry_is_vectorisable
 
-__all__ = ["BACKEND", "COUNTS", "Hyper", "INTERPRETED", "Launch", "layout_and_prox", "plan_launch", "_CACHE"]
+__all__ = ["BACKEND", "COUNTS", "PlanKey", "INTERPRETED", "Launch", "layout_and_prox", "plan_launch", "_CACHE"]
 
 #: Warps per program: a 1,024-element tile is 4 elements a thread, which keeps every variant in
 #: registers (no spills) at two programs per SM.
@@ -32,7 +32,7 @@ class Launch:
     ``(p, m, v, step, layout, prox)``. The grads are set with ``table.set_grads`` before each run.
     """
 
-    def __init__(self, index: list[int], entries: list[Entry], g_dtype: torch.dtype, hyper: Hyper) -> None:
+    def __init__(self, index: list[int], entries: list[Entry], g_dtype: torch.dtype, hyper: PlanKey) -> None:
         p_dtype, device = entries[0][0].dtype, entries[0][0].device
         self.index = index
         self.tile = TileShape.for_itemsize(p_dtype.itemsize)
@@ -85,7 +85,7 @@ class Launch:
         )
 
 
-def plan_launch(tensors: list[tuple[GroupLayout, str]], tile: TileShape, hyper: Hyper, sm_count: int) -> Plan:
+def plan_launch(tensors: list[tuple[GroupLayout, str]], tile: TileShape, hyper: PlanKey, sm_count: int) -> Plan:
     """The plan of one launch over tensors with these layouts and proxes, on a GPU of ``sm_count`` SMs."""
     return build_plan(
         [layout for layout, _ in tensors], [k.PROX_CODE[prox] for _, prox in tensors],
