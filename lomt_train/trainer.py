@@ -373,8 +373,8 @@ def output_bias_for(train_set: Any, tasks: list[Task]) -> dict[str, float]:
     """The heads' starting outputs, from the training split: depth starts at its mean depth.
 
     A head that starts at 0 predicts depth metres short, and Adam moves each weight by about
-    ``lr`` per step, so reaching the targets would take the first hundreds of steps, during which
-    depth's squared error dwarfs the other losses in the shared backbone's gradient.
+    ``lr`` per step, so a short run never reaches the targets, and meanwhile depth's squared
+    error dwarfs the other tasks' losses.
     """
     return {"depth": train_set.mean_depth()} if any(t.name == "depth" for t in tasks) else {}
 

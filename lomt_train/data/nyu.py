@@ -289,7 +289,7 @@ class NYUv2Dataset(Dataset):
         """Mean depth in metres over the valid pixels (``> 0``) of every depth map of the split.
 
         Read from the files at their own resolution, without resizing or augmentation. It is the
-        depth head's starting output (:func:`lomt_train.trainer.build_run`).
+        depth head's starting output (:func:`lomt_train.trainer.output_bias_for`).
         """
         if "depth" not in self._sources:
             raise ValueError(f"mean_depth: this dataset was built without the depth task (tasks {list(self.tasks)})")
