@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
 from lomt_kernels import FusedGroupProxAdam, MacFraction, group_sparsity, prox_param_groups
@@ -201,6 +201,44 @@ def evaluate(
     return losses, {k: m.compute() for k, m in meters.items()}
 
 
+#: Training images (evenly spaced over the split) whose forward passes re-estimate BatchNorm's
+#: statistics before each validation; the whole split when it is smaller.
+PRECISE_BN_IMAGES = 2048
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, run: "Run", epoch: int) -> None:
+    """Re-estimate every BatchNorm's running mean and variance with the current weights ("precise
+    BN", Wu and Johnson 2021; what ``torch.optim.swa_utils.update_bn`` does): the equal-weight
+    average over train-mode forward passes of up to :data:`PRECISE_BN_IMAGES` training images,
+    averaged over the ranks. The momenta and the train/eval mode are restored.
+
+    The running averages kept during training mix in statistics of earlier weights; while the prox
+    shrinks the backbone's channels step by step they lag behind, and the model evaluated with
+    them is not the one trained (the README's demo collapsed to one class that way).
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return
+    dataset = run.train_set
+    stride = math.ceil(len(dataset) / PRECISE_BN_IMAGES)
+    loader = _train_loader(Subset(dataset, range(0, len(dataset), stride)), run.config, run.runtime, run.ctx, epoch)
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # None: a cumulative (equal-weight) average over the batches
+    was_training = model.training
+    model.train()
+    for batch in loader:
+        with run.runtime.autocast():
+            model(_to(batch, run.ctx.device, run.runtime)["image"])
+    model.train(was_training)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+        for stat in (m.running_mean, m.running_var):
+            run.ctx.all_reduce_sum(stat).div_(run.ctx.world_size)
+
+
 class Objective(nn.Module):
     """The model and its loss weighting as one module, so that DDP averages every gradient,
     the weighting's log-variances included."""
@@ -268,12 +306,13 @@ def _flatten(row: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def build_run(
     config: RunConfig, tasks: list[Task], num_classes: int, device: torch.device, steps_per_epoch: int,
-    *, channels_last: bool = False,
+    *, channels_last: bool = False, output_bias: dict[str, float] | None = None,
 ):
-    """Model, loss weighting, optimizer and LR schedule of a run, on ``device``."""
+    """Model, loss weighting, optimizer and LR schedule of a run, on ``device``; ``output_bias``
+    is the heads' starting outputs (:func:`output_bias_for`)."""
     model = build_model(
         tasks, num_classes=num_classes, backbone=config.backbone, weights=config.weights,
-        attach=config.attach or None, aspp_channels=config.aspp_channels,
+        attach=config.attach or None, aspp_channels=config.aspp_channels, output_bias=output_bias,
     ).to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     names = [t.name for t in tasks]
     weighting = build_weighting(config.weighting, names).to(device)
@@ -298,11 +337,13 @@ def build_run(
 
 def build_state(
     config: RunConfig, tasks: list[Task], num_classes: int, ctx: DistContext, runtime: Runtime, steps_per_epoch: int,
+    *, output_bias: dict[str, float] | None = None,
 ) -> RunState:
     """A fresh :class:`RunState` at epoch 0: :func:`build_run`'s parts, the GradScaler, the λ
     controller of a target run, and a non-finite guard that logs on rank 0."""
     model, weighting, optimizer, scheduler = build_run(
-        config, tasks, num_classes, ctx.device, steps_per_epoch, channels_last=runtime.channels_last
+        config, tasks, num_classes, ctx.device, steps_per_epoch, channels_last=runtime.channels_last,
+        output_bias=output_bias,
     )
     return RunState(
         model=model, weighting=weighting, optimizer=optimizer, scheduler=scheduler, scaler=runtime.grad_scaler(),
@@ -328,6 +369,16 @@ def _data_on_every_rank(config: RunConfig, ctx: DistContext) -> Path:
     return root if root is not None else dataset_root(config)
 
 
+def output_bias_for(train_set: Any, tasks: list[Task]) -> dict[str, float]:
+    """The heads' starting outputs, from the training split: depth starts at its mean depth.
+
+    A head that starts at 0 predicts depth metres short, and Adam moves each weight by about
+    ``lr`` per step, so a short run never reaches the targets, and meanwhile depth's squared
+    error dwarfs the other tasks' losses.
+    """
+    return {"depth": train_set.mean_depth()} if any(t.name == "depth" for t in tasks) else {}
+
+
 def _dataset_options(config: RunConfig, tasks: list[Task]) -> dict[str, Any]:
     return dict(tasks=[t.name for t in tasks], image_size=config.image_size, layout=config.layout)
 
@@ -344,6 +395,7 @@ class Run:
     runtime: Runtime
     root: Path
     train_set: Any
+    output_bias: dict[str, float]
     val_loader: DataLoader
     state: RunState
     objective: nn.Module
@@ -429,16 +481,18 @@ def _prepare(
                   "test": build_dataset(config.dataset, root, "test", **common).ids}
         atomic_write_text(json.dumps(splits), run_dir / "splits.json")
     steps_per_epoch = len(_train_loader(train_set, config, runtime, ctx, 0))
-    state = build_state(config, tasks, train_set.num_classes, ctx, runtime, steps_per_epoch)
+    output_bias = output_bias_for(train_set, tasks)
+    state = build_state(config, tasks, train_set.num_classes, ctx, runtime, steps_per_epoch, output_bias=output_bias)
     if ckpt is not None:
         state.load_state_dict(ckpt, run_dir / "last.pt")
     objective = _wrap_for_ranks(Objective(state.model, state.weighting, tasks), ctx)
     if progress:
         tqdm.write(f"{run_dir}: {len(train_set)} training items, effective batch {config.batch_size * ctx.world_size}"
                    f" ({ctx.world_size} process{'es' if ctx.enabled else ''}), device {ctx.device}, "
-                   f"{runtime_summary(runtime)}")
-    return Run(config, tasks, ctx, run_dir, runtime, root, train_set, _eval_loader(val_set, config, runtime, ctx),
-               state, objective, progress)
+                   f"{runtime_summary(runtime)}"
+                   + "".join(f", {name} head starts at {value:.4g}" for name, value in output_bias.items()))
+    return Run(config, tasks, ctx, run_dir, runtime, root, train_set, output_bias,
+               _eval_loader(val_set, config, runtime, ctx), state, objective, progress)
 
 
 def runtime_summary(runtime: Runtime) -> str:
@@ -585,6 +639,7 @@ def run_epoch(run: Run) -> dict[str, Any]:
     epoch = state.epoch
     started = time.perf_counter()
     stats = train_one_epoch(run, epoch)
+    recalibrate_batchnorm(state.model, run, epoch)
     val_losses, val_metrics = evaluate(state.model, run.val_loader, run.tasks, run.runtime, run.ctx)
     sparsity = group_sparsity(state.model.backbone, config.grouping)
     score = selection_score(config, val_losses, val_metrics)
@@ -674,6 +729,7 @@ def finish_run(run: Run) -> RunResult:
         "lambda_": config.lambda_,
         "seed": config.seed,
         "tasks": [t.name for t in run.tasks],
+        "output_bias": run.output_bias,
         "runtime": run.runtime.to_dict(),
     }
     atomic_write_text(json.dumps(sparsity, indent=2), run.run_dir / "sparsity.json")

@@ -31,9 +31,10 @@ def test_paper_dry_run_shows_no_augmentation_early_stopping_and_the_lambdas(tmp_
 
 
 # The README's LOMT sequence, verbatim, run in a fresh folder with tiny settings appended (later flags win).
-DEMO = "lomt_train nyu --tasks seg,normal,depth --synthetic"
-PROBE = "lomt_train lomt-probe nyu --tasks seg,normal,depth --synthetic --lambda 1e-2 --seeds 0 1 --out runs/probe"
-STEP_2 = "lomt_train nyu --tasks seg,normal,depth --synthetic --lomt runs/probe/profile.json"
+DEMO = "lomt_train nyu --tasks seg,normal,depth --synthetic --seeds 0 1 --out runs/mtl"
+PROBE = ("lomt_train lomt-probe nyu --tasks seg,normal,depth --synthetic --lambda 1e-2 --seeds 0 1 --threshold 0.25"
+         " --out runs/probe")
+STEP_2 = "lomt_train nyu --tasks seg,normal,depth --synthetic --seeds 0 1 --lomt runs/probe/profile.json --out runs/lomt"
 TINY = ["--backend", "torch", "--aspp-channels", "8", "--image-size", "32", "--batch-size", "4", "--epochs", "1",
         "--synthetic-images", "8", "--device", "cpu", "--no-progress"]
 
@@ -46,9 +47,8 @@ def test_the_readme_lomt_sequence_runs_end_to_end(tmp_path, monkeypatch, capsys)
     monkeypatch.setenv("LOMT_DATA_CACHE", str(tmp_path / "cache"))
     for command in (DEMO, PROBE, STEP_2):
         assert main([*shlex.split(command)[1:], *TINY]) == 0, capsys.readouterr().err
-    experiment = tmp_path / "runs" / "nyu-seg+normal+depth"
-    configs = [RunConfig.load(path) for path in experiment.glob("*/seed0/config.json")]
-    assert len(configs) == 2  # the demo's model and the LOMT model, each in its own folder
+    configs = [RunConfig.load(path) for path in (tmp_path / "runs").glob("*/nyu-seg+normal+depth/*/seed0/config.json")]
+    assert len(configs) == 2  # the multi-task model and the LOMT model, each in its own folder
     profile = json.loads((tmp_path / "runs" / "probe" / "profile.json").read_text())
     assert sorted(c.attach for c in configs if c.attach) == [profile["attach"]]
     # The report keeps them apart: two rows, not two seeds of one.

@@ -293,3 +293,12 @@ def test_synthetic_fixture_in_both_layouts(tmp_path):
     ds = build_dataset("nyu", root, "test", ["seg", "depth", "normal"], image_size=16)  # the release's val
     assert ds.layout == "mtan" and len(ds) == 2
     assert set(ds[0]["seg"].unique().tolist()) <= set(range(13)) | {255}
+
+
+def test_mean_depth_is_over_the_valid_pixels_of_the_split(tmp_path):
+    root = write_nyud_mt(tmp_path)
+    # train = [b, a]: depth 3 and 2 m everywhere but one invalid (0) pixel each.
+    assert build_dataset("nyu", root, "train", TASKS, image_size=(H, W)).mean_depth() == pytest.approx(2.5, abs=1e-12)
+    assert build_dataset("nyu", root, "val", TASKS, image_size=(H, W)).mean_depth() == pytest.approx(4.0, abs=1e-12)
+    with pytest.raises(ValueError, match="without the depth task"):
+        build_dataset("nyu", root, "train", ["seg"], image_size=(H, W)).mean_depth()

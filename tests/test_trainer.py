@@ -9,7 +9,7 @@ from lomt_train.checkpoint import load_checkpoint
 from lomt_train.cli import main
 from lomt_train.config import RunConfig
 from lomt_train.tasks import get_task
-from lomt_train.trainer import WALL_CLOCK_KEYS, open_run, run_dir_for, run_epoch, train
+from lomt_train.trainer import WALL_CLOCK_KEYS, open_run, recalibrate_batchnorm, run_dir_for, run_epoch, train
 
 TINY = dict(
     synthetic=True, backend="torch", backbone="small", aspp_channels=8, image_size=32, batch_size=4,
@@ -190,3 +190,44 @@ def test_dry_run_prints_what_would_run_and_writes_nothing(tmp_path, capsys):
     assert plan["config"]["image_size"] == 256 and plan["config"]["lr"] == 1e-4  # --paper over --synthetic
     assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
     assert main([*argv, "--lr", "-1"]) == 2  # checked as training would check it
+
+
+def test_the_depth_head_starts_at_the_training_splits_mean_depth(tmp_path):
+    # A head that starts at 0 predicts metres short and Adam needs hundreds of steps to get there.
+    config = _config(tmp_path, dataset="nyu", tasks=["seg", "depth"])
+    with open_run(config, progress=False) as run:
+        model = run.state.model.eval()
+        pred_sum = target_sum = count = 0.0
+        with torch.no_grad():
+            for index in range(len(run.train_set)):
+                sample = run.train_set[index]
+                depth = model(sample["image"][None])["depth"][0]
+                valid = sample["depth"] > 0
+                pred_sum += depth[valid].sum().item()
+                target_sum += sample["depth"][valid].sum().item()
+                count += valid.sum().item()
+    target_mean = target_sum / count
+    # The untrained head's weights add a term of the order of their own scale (a tenth of a metre).
+    assert abs(pred_sum / count - target_mean) < 0.5
+    assert run.output_bias["depth"] == pytest.approx(target_mean, rel=0.05)  # files' resolution vs the resized maps
+    results = train(config, progress=False).run_dir / "results.json"
+    assert json.loads(results.read_text())["output_bias"] == run.output_bias
+
+
+def test_batchnorm_statistics_are_recomputed_with_the_current_weights(tmp_path):
+    config = _config(tmp_path, dataset="nyu", tasks=["seg"])
+    with open_run(config, progress=False) as run:
+        model = run.state.model
+        bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        bn.running_mean.fill_(5.0)
+        bn.running_var.fill_(100.0)
+        momentum = bn.momentum
+        inputs = []
+        handle = bn.register_forward_pre_hook(lambda _, args: inputs.append(args[0].detach()))
+        recalibrate_batchnorm(model, run, epoch=0)
+        handle.remove()
+        # Equal batches (the short one is dropped): the average of the batch means is their mean.
+        expected = torch.stack([x.mean(dim=(0, 2, 3)) for x in inputs]).mean(0)
+        torch.testing.assert_close(bn.running_mean, expected, rtol=1e-5, atol=1e-6)
+        assert bn.momentum == momentum and model.training
+        assert sum(x.shape[0] for x in inputs) == len(run.train_set) // config.batch_size * config.batch_size

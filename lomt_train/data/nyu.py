@@ -285,6 +285,24 @@ class NYUv2Dataset(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    def mean_depth(self) -> float:
+        """Mean depth in metres over the valid pixels (``> 0``) of every depth map of the split.
+
+        Read from the files at their own resolution, without resizing or augmentation. It is the
+        depth head's starting output (:func:`lomt_train.trainer.output_bias_for`).
+        """
+        if "depth" not in self._sources:
+            raise ValueError(f"mean_depth: this dataset was built without the depth task (tasks {list(self.tasks)})")
+        total, count = 0.0, 0
+        for item in self.ids:
+            depth = self._read("depth", item)[1]
+            valid = depth > 0
+            total += float(depth[valid].double().sum())
+            count += int(valid.sum())
+        if count == 0:
+            raise ValueError(f"mean_depth: no valid depth pixel (> 0) in split {self.split!r} of {self.root}")
+        return total / count
+
     def _read(self, key: str, item: str) -> tuple[Path, Tensor]:
         source = self._sources[key]
         candidates = [self._base / source.folder / f"{item}{suffix}" for suffix in source.suffixes]

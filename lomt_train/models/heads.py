@@ -21,6 +21,10 @@ class DeepLabV3Head(nn.Sequential):
 
     The ASPP's image-pooling branch has a BatchNorm over a 1x1 map, so training needs a batch
     of at least 2 (as in torchvision).
+
+    ``output_bias`` initialises the last conv's bias, so the head starts predicting that value
+    everywhere (a regression head whose targets are far from 0, such as depth in metres, then
+    does not spend its first steps, at Adam's about ``lr`` per weight per step, reaching them).
     """
 
     def __init__(
@@ -30,6 +34,7 @@ class DeepLabV3Head(nn.Sequential):
         *,
         aspp_channels: int = DEFAULT_ASPP_CHANNELS,
         atrous_rates: Sequence[int] = (12, 24, 36),
+        output_bias: float | None = None,
     ) -> None:
         super().__init__(
             ASPP(in_channels, atrous_rates, aspp_channels),
@@ -38,6 +43,8 @@ class DeepLabV3Head(nn.Sequential):
             nn.ReLU(),
             nn.Conv2d(aspp_channels, out_channels, 1),
         )
+        if output_bias is not None:
+            nn.init.constant_(self[-1].bias, output_bias)
 
 
 class AttributeHead(nn.Sequential):

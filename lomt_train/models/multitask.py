@@ -60,11 +60,26 @@ def feature_channels(extractor: nn.Module, size: int = 64) -> dict[str, int]:
     return {node: f.shape[1] for node, f in features.items()}
 
 
-def build_head(task: Task, in_channels: int, *, num_classes: int, aspp_channels: int) -> nn.Module:
-    """The head for ``task``'s kind: DeepLab-V3 for dense tasks, the attribute classifier otherwise."""
+def build_head(
+    task: Task, in_channels: int, *, num_classes: int, aspp_channels: int, output_bias: float | None = None,
+) -> nn.Module:
+    """The head for ``task``'s kind: DeepLab-V3 for dense tasks (its last bias set to
+    ``output_bias`` when given), the attribute classifier otherwise."""
     if task.kind == "dense":
-        return DeepLabV3Head(in_channels, task.out_channels(num_classes), aspp_channels=aspp_channels)
+        return DeepLabV3Head(in_channels, task.out_channels(num_classes), aspp_channels=aspp_channels,
+                             output_bias=output_bias)
+    if output_bias is not None:
+        raise ValueError(f"task {task.name!r}: output_bias is for dense heads only")
     return AttributeHead(in_channels)
+
+
+def _per_task(values: Mapping[str, object] | None, names: Sequence[str], what: str) -> dict[str, object]:
+    """``values`` keyed by canonical task name; a task not among ``names`` is a ``ValueError``."""
+    resolved = {get_task(k).name: v for k, v in (values or {}).items()}
+    extra = sorted(set(resolved) - set(names))
+    if extra:
+        raise ValueError(f"{what} names task(s) {extra} that are not among the model's tasks {list(names)}")
+    return resolved
 
 
 class MultiTaskModel(nn.Module):
@@ -90,6 +105,7 @@ class MultiTaskModel(nn.Module):
         num_classes: int,
         attach: Mapping[str, str] | None = None,
         aspp_channels: int = DEFAULT_ASPP_CHANNELS,
+        output_bias: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
         names = [t.name for t in tasks]
@@ -97,16 +113,15 @@ class MultiTaskModel(nn.Module):
             raise ValueError("a multi-task model needs at least one task")
         if len(set(names)) != len(names):
             raise ValueError(f"tasks {names} name a task twice")
-        requested = {get_task(k).name: node for k, node in (attach or {}).items()}
-        extra = sorted(set(requested) - set(names))
-        if extra:
-            raise ValueError(f"attach names task(s) {extra} that are not among the model's tasks {names}")
+        requested = _per_task(attach, names, "attach")
         self.attach: dict[str, str] = {name: requested.get(name, DEFAULT_ATTACH) for name in names}
+        bias = _per_task(output_bias, names, "output_bias")
         self.backbone = extract_features(backbone, list(dict.fromkeys(self.attach.values())))
         channels = feature_channels(self.backbone)
         self.heads = nn.ModuleDict(
             {
-                t.name: build_head(t, channels[self.attach[t.name]], num_classes=num_classes, aspp_channels=aspp_channels)
+                t.name: build_head(t, channels[self.attach[t.name]], num_classes=num_classes,
+                                   aspp_channels=aspp_channels, output_bias=bias.get(t.name))
                 for t in tasks
             }
         )
@@ -131,6 +146,7 @@ def build_model(
     weights: str | Path | None = None,
     attach: Mapping[str, str] | None = None,
     aspp_channels: int | None = None,
+    output_bias: Mapping[str, float] | None = None,
 ) -> MultiTaskModel:
     """A :class:`MultiTaskModel` for ``tasks`` (``Task`` entries or registry names/aliases).
 
@@ -141,6 +157,8 @@ def build_model(
             ResNet-50 weights); ``None`` starts from random weights.
         attach: ``{task: node}`` attachment nodes; tasks not named attach at ``"layer4"``.
         aspp_channels: the DeepLab heads' ASPP width; ``None`` is DeepLab-V3's 256.
+        output_bias: ``{task: value}``, the starting output of a dense task's head (its last
+            conv's bias), e.g. ``{"depth": mean depth of the training split}``.
     """
     resolved = [t if isinstance(t, Task) else get_task(t) for t in tasks]
     return MultiTaskModel(
@@ -149,4 +167,5 @@ def build_model(
         num_classes=num_classes,
         attach=attach,
         aspp_channels=DEFAULT_ASPP_CHANNELS if aspp_channels is None else aspp_channels,
+        output_bias=output_bias,
     )
