@@ -12,7 +12,7 @@
 // the step count from a float32 anchor) that it refreshes asynchronously when the grads move;
 // lomt_kernels/kernels/cuda_plan.py cuts each tensor into tiles and lists the blocks of each
 // launch as (tensor, tile) pairs. Each block reads its tensor's step count (the count before this
-// step when the kernel increments it), lr, grad_scale and found_inf through device pointers and
+// step), lr, grad_scale and found_inf through device pointers and
 // computes the bias corrections in float64, so a step never waits for the device; a nonzero
 // found_inf makes every block return before it writes. The last block of a tensor, counted over
 // the step's launches, stores the new step count and resets its counter.
@@ -105,7 +105,7 @@ struct Args {
   const float* found_inf;
   float lr, lambda, beta1c, beta2, beta2c, eps, weight_decay;
   double log_beta1, log_beta2;
-  bool maximize, decoupled, increment;
+  bool maximize, decoupled;
 };
 
 // Where block `tile` sits: its first element, first group and extents. Extents within a tile
@@ -173,8 +173,8 @@ __device__ __forceinline__ Work<T> load_work(const Args<T>& a, int32_t t) {
   w.stat0 = row[kStat0];
   w.grad_scale = a.grad_scale ? *a.grad_scale : 1.f;
   const double lr = a.lr_ptr ? static_cast<double>(*a.lr_ptr) : static_cast<double>(a.lr);
-  // This step's count: the stored one, plus one when the kernels increment it.
-  const double step = static_cast<double>(a.step_anchor[row[kStep]] + (a.increment ? 1.f : 0.f));
+  // This step's count: the stored one (the count before this step) plus one.
+  const double step = static_cast<double>(a.step_anchor[row[kStep]] + 1.f);
   const double bc1 = 1.0 - exp(step * a.log_beta1);
   const double bc2 = 1.0 - exp(step * a.log_beta2);
   const double threshold = lr * static_cast<double>(a.lambda);
@@ -204,7 +204,6 @@ __device__ __forceinline__ bool skipped(const Args<T>& a) {
 // launch) adds one to its step count, once every block has read the old one, and resets the count.
 template <typename T>
 __device__ __forceinline__ void finish_block(const Args<T>& a, int32_t t) {
-  if (!a.increment) return;
   __syncthreads();  // every thread of this block has read the old count
   if (threadIdx.x == 0) {
     const int64_t* row = a.tensors + t * kFields;
@@ -543,8 +542,7 @@ void group_prox_adam_cuda(const at::Tensor& p_anchor, const at::Tensor& g_anchor
                           const std::vector<int64_t>& launch_blocks, int64_t smem_bytes, int64_t prox,
                           const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
                           const std::optional<at::Tensor>& found_inf, double lr, double lambda, double beta1,
-                          double beta2, double eps, double weight_decay, bool decoupled_weight_decay, bool maximize,
-                          bool increment_steps) {
+                          double beta2, double eps, double weight_decay, bool decoupled_weight_decay, bool maximize) {
   TORCH_CHECK(launch_blocks.size() == 3, "group_prox_adam_cuda: launch_blocks must hold three counts");
   TORCH_CHECK(p_anchor.is_cuda() && g_anchor.scalar_type() == p_anchor.scalar_type(),
               "group_prox_adam_cuda: CUDA params with grads of the param's dtype");
@@ -577,8 +575,7 @@ void group_prox_adam_cuda(const at::Tensor& p_anchor, const at::Tensor& g_anchor
                    beta1 > 0 ? std::log(beta1) : -INFINITY,
                    beta2 > 0 ? std::log(beta2) : -INFINITY,
                    maximize,
-                   decoupled_weight_decay,
-                   increment_steps};
+                   decoupled_weight_decay};
   };
   switch (p_anchor.scalar_type()) {
     case at::kFloat: return launch(scalars(p_anchor.data_ptr<float>()), prox, launch_blocks, smem_bytes, stream);

@@ -14,5 +14,4 @@ void group_prox_adam_cuda(const at::Tensor& p_anchor, const at::Tensor& g_anchor
                           const std::vector<int64_t>& launch_blocks, int64_t smem_bytes, int64_t prox,
                           const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
                           const std::optional<at::Tensor>& found_inf, double lr, double lambda, double beta1,
-                          double beta2, double eps, double weight_decay, bool decoupled_weight_decay, bool maximize,
-                          bool increment_steps);
+                          double beta2, double eps, double weight_decay, bool decoupled_weight_decay, bool maximize);

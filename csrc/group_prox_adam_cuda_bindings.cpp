@@ -12,5 +12,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("counters"), py::arg("partials"), py::arg("stats"), py::arg("launch_blocks"), py::arg("smem_bytes"),
         py::arg("prox"), py::arg("lr_tensor"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("lr"),
         py::arg("lambda_"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
-        py::arg("decoupled_weight_decay"), py::arg("maximize"), py::arg("increment_steps"));
+        py::arg("decoupled_weight_decay"), py::arg("maximize"));
 }

@@ -128,7 +128,7 @@ class Launch:
 
     def run(self, *, lr: float | Tensor, beta1: float, beta2: float, eps: float, weight_decay: float,
             lambda_: float, maximize: bool, decoupled_weight_decay: bool, grad_scale: Tensor | None,
-            found_inf: Tensor | None, increment_step: bool) -> None:
+            found_inf: Tensor | None) -> None:
         """Launch the plan's kernels (at most three) on the current stream."""
         lr_tensor = lr if isinstance(lr, Tensor) else None
         COUNTS["launches"] += self.plan.launches
@@ -137,7 +137,7 @@ class Launch:
             self.counters, self.partials, self.stats, self.launch_blocks, self.plan.smem_bytes, self.prox,
             _float32(lr_tensor), _float32(grad_scale), _float32(found_inf), 0.0 if lr_tensor is not None else float(lr),
             float(lambda_), float(beta1), float(beta2), float(eps), float(weight_decay), decoupled_weight_decay,
-            maximize, increment_step,
+            maximize,
         )
 
 

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..contract import AdamHyper, StepTensors
+from ..contract import AdamHyper, Prox, StepTensors
 from ..grouping import GroupLayout, group_layout
 from .prepare import check_dtypes, is_dense, tensor_prox, work_tensors, write_back
 
@@ -165,7 +165,7 @@ class Launch(Protocol):
 
     def run(self, *, lr: float | Tensor, beta1: float, beta2: float, eps: float, weight_decay: float,
             lambda_: float, maximize: bool, decoupled_weight_decay: bool, grad_scale: Tensor | None,
-            found_inf: Tensor | None, increment_step: bool) -> None: ...
+            found_inf: Tensor | None) -> None: ...
 
 
 class Backend(NamedTuple):
@@ -191,7 +191,7 @@ def layout_and_prox(p: Tensor, hyper: PlanKey) -> tuple[GroupLayout | None, str]
     (:func:`~lomt_kernels.kernels.prepare.tensor_prox`); ``layout`` is ``None`` for a grouped
     tensor without one."""
     prox = tensor_prox(p, hyper.prox, hyper.lambda_zero)
-    if prox in ("group", "group_weighted"):
+    if Prox(prox).grouped:
         return group_layout(p, hyper.grouping), prox
     return GroupLayout(1, 1, p.numel()), prox
 
@@ -237,7 +237,7 @@ def step(backend: Backend, tensors: StepTensors, hyper: AdamHyper, lr: float | T
     run = dict(
         lr=lr, beta1=hyper.beta1, beta2=hyper.beta2, eps=hyper.eps, weight_decay=hyper.weight_decay,
         lambda_=hyper.lambda_, maximize=hyper.maximize, decoupled_weight_decay=hyper.decoupled_weight_decay,
-        grad_scale=tensors.grad_scale, found_inf=tensors.found_inf, increment_step=True,
+        grad_scale=tensors.grad_scale, found_inf=tensors.found_inf,
     )
     for launch, gs, ps in zip(launches.in_place, chosen, ptrs):
         launch.table.set_grads(gs, ps)

@@ -127,7 +127,7 @@ def compile_kernels(arch: int = 90) -> dict[str, "triton.compiler.CompiledKernel
         for options in (False, True):
             constexprs = dict(
                 HAS_LR_PTR=options, HAS_GRAD_SCALE=options, HAS_FOUND_INF=options, MAXIMIZE=options,
-                DECOUPLED=options, INCREMENT_STEP=True, MAX_ITER=30, BLOCK_R=tile.block_r,
+                DECOUPLED=options, MAX_ITER=30, BLOCK_R=tile.block_r,
                 BLOCK_C=tile.block_c, VEC=tile.vec, Z_IN_P=dtype == torch.float32, SPIN=True,
             )
             if not options:

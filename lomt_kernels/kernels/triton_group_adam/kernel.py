@@ -422,7 +422,7 @@ def step_kernel(
     lr_ptr, grad_scale_ptr, found_inf_ptr,
     n_items, n_slabs, lr, beta1c, beta2, beta2c, eps, weight_decay, lambda_, rtol,
     HAS_LR_PTR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-    MAXIMIZE: tl.constexpr, DECOUPLED: tl.constexpr, INCREMENT_STEP: tl.constexpr, MAX_ITER: tl.constexpr,
+    MAXIMIZE: tl.constexpr, DECOUPLED: tl.constexpr, MAX_ITER: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr, Z_IN_P: tl.constexpr, SPIN: tl.constexpr,
 ):
     """Each program takes the next ticket and runs that item of the plan.
@@ -430,7 +430,7 @@ def step_kernel(
     ``counters`` (int64, zeroed when the plan is built and never reset) holds the ticket, then per
     slab the ``PARTIAL`` items done and the statistics published, then per tensor the items done,
     all counting over the launches: a launch's ticket divided by ``n_items`` is its epoch. The
-    last item of a tensor to finish stores its new step count (``INCREMENT_STEP``); with a
+    last item of a tensor to finish stores its new step count (one more); with a
     ``found_inf`` set, items keep the counters in step and write nothing.
     """
     ticket = tl.atomic_add(counters, 1, sem="relaxed")
@@ -452,9 +452,7 @@ def step_kernel(
     if HAS_FOUND_INF:
         write = tl.load(found_inf_ptr) == 0
     step_ptr = step_anchor + tl.load(tensor + T_STEP)
-    step = tl.load(step_ptr)
-    if INCREMENT_STEP:
-        step += 1
+    step = tl.load(step_ptr) + 1
     if HAS_LR_PTR:
         lr = tl.load(lr_ptr).to(tl.float32)
     # Bias corrections and thresholds in float64, rounded once, as the reference's Python floats.
@@ -508,6 +506,5 @@ def step_kernel(
     # The last item of the tensor stores the step: every item has read the old one by then.
     tl.debug_barrier()
     finished = tl.atomic_add(tensor_done, 1, sem="acq_rel")
-    if INCREMENT_STEP:
-        if write & (finished + 1 == (epoch + 1) * tl.load(tensor + T_ITEMS)):
-            tl.store(step_ptr, step)
+    if write & (finished + 1 == (epoch + 1) * tl.load(tensor + T_ITEMS)):
+        tl.store(step_ptr, step)

@@ -13,6 +13,7 @@ import triton
 from torch import Tensor
 
 from ... import reference
+from ...contract import Prox
 from ...grouping import GroupLayout
 from ..device_table import _CACHE, COUNTS, Backend, Entry, PlanKey, TensorTable, float_bits, layout_and_prox, log_beta
 from . import kernel as k
@@ -66,7 +67,7 @@ class Launch:
 
     def run(self, *, lr: float | Tensor, beta1: float, beta2: float, eps: float, weight_decay: float,
             lambda_: float, maximize: bool, decoupled_weight_decay: bool, grad_scale: Tensor | None,
-            found_inf: Tensor | None, increment_step: bool) -> None:
+            found_inf: Tensor | None) -> None:
         """Launch the kernel once over the plan."""
         lr_ptr = lr if isinstance(lr, Tensor) else None
         COUNTS["launches"] += 1
@@ -79,7 +80,7 @@ class Launch:
             reference.WEIGHTED_PROX_RTOL[torch.float32],
             HAS_LR_PTR=lr_ptr is not None, HAS_GRAD_SCALE=grad_scale is not None,
             HAS_FOUND_INF=found_inf is not None, MAXIMIZE=maximize, DECOUPLED=decoupled_weight_decay,
-            INCREMENT_STEP=increment_step, MAX_ITER=reference.WEIGHTED_PROX_MAX_ITER,
+            MAX_ITER=reference.WEIGHTED_PROX_MAX_ITER,
             BLOCK_R=self.tile.block_r, BLOCK_C=self.tile.block_c, VEC=self.tile.vec, Z_IN_P=self.z_in_p, SPIN=not INTERPRETED,
             num_warps=NUM_WARPS,
         )
@@ -89,7 +90,7 @@ def plan_launch(tensors: list[tuple[GroupLayout, str]], tile: TileShape, hyper: 
     """The plan of one launch over tensors with these layouts and proxes, on a GPU of ``sm_count`` SMs."""
     return build_plan(
         [layout for layout, _ in tensors], [k.PROX_CODE[prox] for _, prox in tensors],
-        [prox in ("group", "group_weighted") for _, prox in tensors], tile, finisher_lag(sm_count),
+        [Prox(prox).grouped for _, prox in tensors], tile, finisher_lag(sm_count),
         sums=2 if hyper.prox == "group_weighted" else 1,
     )
 
